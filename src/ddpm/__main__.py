@@ -1,0 +1,3 @@
+from ddpm.cli import main
+
+raise SystemExit(main())
