@@ -1,0 +1,168 @@
+"""Noise-prediction networks behind one factory.
+
+Every model is called as ``model(x_t, t)``: x_t float32 (B, C, H, W) images or (B, D) points, t a
+LongTensor (B,) of timesteps in 0..T-1 (index 0 the least noisy step). It returns a tensor shaped
+like x_t, unbounded (the predicted noise by default) and knows nothing of the noise schedule.
+
+    model = build_model("unet-mnist", dropout=0.0, seed=0)
+    config = model_config_dict(model)      # {"preset": "unet-mnist", "in_channels": 1, ...}, JSON-able
+    same = build_model_from_dict(config)   # same architecture; load the weights into it
+
+Each model keeps its frozen config dataclass as ``model.config`` and its preset name as ``model.preset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpm.models.embeddings import SinusoidalEmbedding, sinusoidal_embedding
+from ddpm.models.mlp import ResidualMLP, ResidualMLPConfig, ToyMLP, ToyMLPConfig
+from ddpm.models.unet import SmallUNet, SmallUNetConfig, UNet, UNetConfig
+
+__all__ = [
+    "PRESETS", "build_model", "build_model_from_dict", "model_config_dict", "preset_config", "model_from_config",
+    "ToyMLP", "ToyMLPConfig", "ResidualMLP", "ResidualMLPConfig", "SmallUNet", "SmallUNetConfig",
+    "UNet", "UNetConfig", "SinusoidalEmbedding", "sinusoidal_embedding",
+]
+
+ModelConfig = ToyMLPConfig | ResidualMLPConfig | SmallUNetConfig | UNetConfig
+
+# config class -> the module it configures
+_ARCHITECTURES: dict[type, type[nn.Module]] = {
+    ToyMLPConfig: ToyMLP,
+    ResidualMLPConfig: ResidualMLP,
+    SmallUNetConfig: SmallUNet,
+    UNetConfig: UNet,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preset:
+    description: str  # one line, for `ddpm presets`
+    config_class: type  # the config dataclass (and so the architecture)
+    defaults: Mapping[str, Any]  # values that differ from the config class's own defaults
+
+
+_PRESETS: dict[str, _Preset] = {
+    "mlp-toy": _Preset(
+        "the tutorials' toy diffuser: Linear-ReLU-Linear on the flattened image and t/T (any C, H = W)",
+        ToyMLPConfig, {}),
+    "mlp-2d": _Preset(
+        "residual MLP for (B, D) points with a sinusoidal timestep embedding (D = 2, width 256, 3 blocks)",
+        ResidualMLPConfig, {}),
+    "unet-small": _Preset(
+        "the tutorials' small U-Net: conv blocks 16/32/64, max-pool, transposed convs, learned t table (0.14M)",
+        SmallUNetConfig, {}),
+    "unet": _Preset(
+        "the DDPM paper's U-Net at a mid size: 1x28x28, ch 64, mult (1,2,2), 2 blocks, attention at 14 (6.5M)",
+        UNetConfig, {}),
+    "unet-cifar10": _Preset(
+        "the paper's CIFAR-10 U-Net: 3x32x32, ch 128, mult (1,2,2,2), 2 blocks, attention at 16 (35.7M)",
+        UNetConfig,
+        dict(in_channels=3, image_size=32, ch=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+             attention_resolutions=(16,), dropout=0.1, num_groups=32)),
+    "unet-mnist": _Preset(
+        "small paper-style U-Net for 1x28x28 on a CPU: ch 32, mult (1,2,2), 1 block, attention at 7 (1.1M)",
+        UNetConfig,
+        dict(in_channels=1, image_size=28, ch=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+             attention_resolutions=(7,), dropout=0.1, num_groups=8)),
+}
+
+PRESETS: Mapping[str, str] = MappingProxyType({name: p.description for name, p in sorted(_PRESETS.items())})
+"""Preset name -> one-line description (read-only)."""
+
+
+def preset_config(preset: str, **overrides: Any) -> ModelConfig:
+    """The validated config of ``preset`` with ``overrides`` applied; no model is built.
+
+    Raises ValueError for an unknown preset, an unknown override or a bad value, saying what was
+    given and what is allowed.
+    """
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    spec = _PRESETS[preset]
+    allowed = [f.name for f in dataclasses.fields(spec.config_class)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"for preset {preset!r}; allowed: {', '.join(allowed)}")
+    try:
+        return spec.config_class(**{**spec.defaults, **overrides})
+    except ValueError as error:
+        raise ValueError(f"preset {preset!r}: {error}") from None
+
+
+def model_from_config(config: ModelConfig, preset: str | None = None) -> nn.Module:
+    """Build the module a config describes; ``preset`` (default: the architecture's base preset)
+    is recorded as ``model.preset`` for ``model_config_dict``."""
+    if type(config) not in _ARCHITECTURES:
+        raise ValueError(f"not a model config: {type(config).__name__}; "
+                         f"allowed: {', '.join(c.__name__ for c in _ARCHITECTURES)}")
+    model = _ARCHITECTURES[type(config)](config)
+    if preset is not None:
+        model.preset = preset
+    return model
+
+
+def build_model(preset: str, *, seed: int | None = None, device: torch.device | str | None = None,
+                **overrides: Any) -> nn.Module:
+    """Build the network of a named preset (see ``PRESETS``), with any config field overridden.
+
+    seed: if given, the initial weights are drawn from ``torch.manual_seed(seed)`` inside a forked
+        RNG, so the caller's global RNG state is left untouched; otherwise from the global RNG.
+    device: where the parameters live. Weights are always initialised on the CPU and then moved, so
+        a seed gives the same weights on every device; "meta" builds shapes only (to count parameters).
+    overrides: config fields, e.g. ``build_model("unet", ch=32, channel_mult=(1, 2))``; lists are
+        accepted for tuples (as they come back from JSON).
+    """
+    config = preset_config(preset, **overrides)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return model_from_config(config, preset)
+    if seed is None:
+        model = model_from_config(config, preset)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_from_config(config, preset)
+    return model if device is None else model.to(device)
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """A plain JSON-able dict that rebuilds ``model``'s architecture with ``build_model_from_dict``.
+
+    {"preset": name, **every config field}, tuples as lists. Every field is written out, so later
+    changes to a preset's defaults do not change a saved model. Accepts a model wrapped by
+    torch.compile or DistributedDataParallel.
+    """
+    model = _unwrap(model)
+    if not dataclasses.is_dataclass(getattr(model, "config", None)) or type(model.config) not in _ARCHITECTURES:
+        raise ValueError(f"{type(model).__name__} is not a ddpm.models network (no model config on it)")
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
+    return {"preset": model.preset, **fields}
+
+
+def build_model_from_dict(config: Mapping[str, Any], *, seed: int | None = None,
+                          device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild a model from ``model_config_dict``'s output (e.g. read back from config.json)."""
+    if "preset" not in config:
+        raise ValueError(f"a model config dict needs a 'preset' key; got keys: {', '.join(config) or '(none)'}")
+    fields = {k: v for k, v in config.items() if k != "preset"}
+    return build_model(config["preset"], seed=seed, device=device, **fields)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile keeps the original as _orig_mod; DistributedDataParallel as module.
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model

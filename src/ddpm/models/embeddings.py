@@ -1,0 +1,46 @@
+"""Timestep embeddings shared by the networks (one implementation, used by mlp-2d and the U-Net)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """The Transformer's sinusoidal position encoding (Vaswani et al. 2017, sec. 3.5), applied to timesteps.
+
+    t: (B,) timesteps, integer (0..T-1, index 0 the least noisy step) or float.
+    Returns (B, dim) float32: [sin(t * f_0), ..., sin(t * f_{h-1}), cos(t * f_0), ..., cos(t * f_{h-1})]
+    with h = dim // 2 frequencies f_i = max_period ** (-i / h), geometric from 1 down towards
+    1 / max_period; an odd dim gets a final zero column. DDPM uses this to tell the shared network
+    which noise level it is at (Ho et al. 2020, sec. 4 and App. B).
+    """
+    half = dim // 2
+    exponents = torch.arange(half, device=t.device, dtype=torch.float32) / half
+    frequencies = torch.exp(-math.log(max_period) * exponents)  # (h,)
+    # float32 is exact for integer t far beyond any T in use (2**24).
+    angles = t.to(torch.float32)[:, None] * frequencies[None, :]  # (B, h)
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = nn.functional.pad(embedding, (0, 1))
+    return embedding
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Module form of ``sinusoidal_embedding`` (no parameters), so it can sit in an ``nn.Sequential``.
+
+    forward(t: (B,)) -> (B, dim).
+    """
+
+    def __init__(self, dim: int, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_period = max_period
+
+    def forward(self, t: Tensor) -> Tensor:
+        return sinusoidal_embedding(t, self.dim, self.max_period)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, max_period={self.max_period:g}"

@@ -1,0 +1,374 @@
+"""U-Net noise predictors: the DDPM paper's network and the tutorials' small U-Net.
+
+Both are called as ``model(x_t, t)`` with x_t (B, C, H, W) and t a LongTensor (B,) of timesteps in
+0..T-1 (index 0 the least noisy step), and return the predicted noise, shaped like x_t.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ddpm.models._checks import check_field_types, check_input_shapes, require_positive
+from ddpm.models.embeddings import SinusoidalEmbedding
+
+
+# --------------------------------------------------------------------------------------------------
+# The tutorials' small U-Net
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmallUNetConfig:
+    """The "unet-small" network: plain conv blocks, max-pooling, transposed convs, a learned t table."""
+
+    in_channels: int = 1  # C of the input images
+    out_channels: int | None = None  # C of the output; None: the same as in_channels (predicted noise)
+    image_size: int = 28  # H = W the network is built for; divisible by 2 ** (len(channels) - 1)
+    channels: tuple[int, ...] = (16, 32, 64)  # conv channels per level, coarsest last (the bottleneck)
+    embed_dim: int = 16  # width of the learned timestep embedding
+    num_steps: int = 1000  # T: rows of the timestep-embedding table, one per step
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        require_positive(self, "in_channels", "image_size", "channels", "embed_dim", "num_steps")
+        if self.out_channels is not None:
+            require_positive(self, "out_channels")
+        if len(self.channels) < 2:
+            raise ValueError(f"channels must list at least 2 levels (encoder and bottleneck), got {self.channels!r}")
+        _check_divisible(self.image_size, len(self.channels), f"channels={self.channels!r}")
+
+
+class ConvBlock(nn.Module):
+    """conv3x3, + a Linear projection of the timestep embedding, ReLU, conv3x3, ReLU.
+
+    x: (B, in_ch, H, W); temb: (B, embed_dim). Returns (B, out_ch, H, W).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, embed_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(embed_dim, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        # One bias per channel and sample: the block's features shift with the noise level.
+        h = F.relu(self.conv1(x) + self.temb_proj(temb)[:, :, None, None])
+        return F.relu(self.conv2(h))
+
+
+class SmallUNet(nn.Module):
+    """The tutorials' small U-Net.
+
+    Encoder: a ConvBlock per level then 2x2 max-pooling; a ConvBlock bottleneck; decoder: a
+    transposed conv (kernel 2, stride 2) back up, concatenation with the encoder's features at that
+    resolution, a ConvBlock; a final 1x1 conv. The timestep is a row of a learned table
+    ``nn.Embedding(T, embed_dim)``, so t must be an integer tensor in 0..T-1.
+
+    x_t: (B, in_channels, H, W) with H, W divisible by 2 ** (levels - 1) (4 for the default three
+    levels); t: (B,). Returns (B, out_channels, H, W).
+    """
+
+    preset = "unet-small"
+
+    def __init__(self, config: SmallUNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.downsample_factor = 2 ** (len(config.channels) - 1)
+        chans = config.channels
+        self.time_embed = nn.Embedding(config.num_steps, config.embed_dim)
+        self.encoder = nn.ModuleList()
+        c = config.in_channels
+        for c_out in chans[:-1]:
+            self.encoder.append(ConvBlock(c, c_out, config.embed_dim))
+            c = c_out
+        self.bottleneck = ConvBlock(c, chans[-1], config.embed_dim)
+        self.upsamplers = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for c_in, c_out in zip(reversed(chans[1:]), reversed(chans[:-1])):
+            self.upsamplers.append(nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2))
+            # Input: the upsampled features and the encoder's skip, both c_out channels.
+            self.decoder.append(ConvBlock(2 * c_out, c_out, config.embed_dim))
+        self.output_conv = nn.Conv2d(chans[0], config.out_channels or config.in_channels, kernel_size=1)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        check_input_shapes(x_t, t, (self.config.in_channels, None, None), self.downsample_factor)
+        temb = self.time_embed(t)  # (B, embed_dim)
+        skips = []
+        h = x_t
+        for block in self.encoder:
+            h = block(h, temb)
+            skips.append(h)
+            h = F.max_pool2d(h, 2)
+        h = self.bottleneck(h, temb)
+        for upsample, block in zip(self.upsamplers, self.decoder):
+            h = block(torch.cat([upsample(h), skips.pop()], dim=1), temb)
+        return self.output_conv(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# The DDPM paper's U-Net (Ho et al. 2020, App. B)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The paper's U-Net: a PixelCNN++-like backbone of residual blocks, with self-attention.
+
+    Level i works at resolution image_size / 2**i with ch * channel_mult[i] channels. The defaults
+    are a mid-sized 28x28x1 model; the presets "unet-cifar10" and "unet-mnist" override them.
+    """
+
+    in_channels: int = 1  # C of the input images
+    out_channels: int | None = None  # C of the output; None: the same as in_channels (predicted noise)
+    image_size: int = 28  # H = W the network is built for; divisible by 2 ** (len(channel_mult) - 1)
+    ch: int = 64  # base channel count; also the size of the sinusoidal timestep embedding
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # channels of each level as multiples of ch, finest first
+    num_res_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
+    attention_resolutions: tuple[int, ...] = (14,)  # resolutions (H of the feature map) with self-attention
+    dropout: float = 0.1  # dropout rate inside each residual block, before its second conv
+    num_groups: int = 32  # GroupNorm groups; must divide every channel count
+    zero_init: bool = True  # zero the last conv of each residual and attention block and the output conv
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        require_positive(self, "in_channels", "image_size", "ch", "channel_mult", "num_res_blocks", "num_groups")
+        if self.out_channels is not None:
+            require_positive(self, "out_channels")
+        if not self.channel_mult:
+            raise ValueError("channel_mult must list at least one level, got ()")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check_divisible(self.image_size, len(self.channel_mult), f"channel_mult={self.channel_mult!r}")
+        resolutions = self.resolutions
+        for r in self.attention_resolutions:
+            if r not in resolutions:
+                raise ValueError(
+                    f"attention_resolutions={self.attention_resolutions!r}: {r} is never reached; with "
+                    f"image_size={self.image_size} and {len(self.channel_mult)} levels this U-Net works at "
+                    f"resolutions {', '.join(map(str, resolutions))}")
+        channels = sorted({self.ch * m for m in (1, *self.channel_mult)})
+        if any(c % self.num_groups for c in channels):
+            suggestion = math.gcd(*channels)
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide every channel count, but ch={self.ch} with "
+                f"channel_mult={self.channel_mult!r} gives channels {', '.join(map(str, channels))}; "
+                f"a divisor of {suggestion} works (e.g. num_groups={_largest_divisor_at_most(suggestion, 32)})")
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """The feature-map size H of each level, finest first: (28, 14, 7) for 28x28 and three levels."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
+
+
+class ResidualBlock(nn.Module):
+    """The paper's residual block: GroupNorm, SiLU, conv3x3, + W SiLU(temb), GroupNorm, SiLU, dropout, conv3x3.
+
+    The timestep enters between the two convs as a per-channel bias; the skip path is a 1x1 conv
+    when the channel count changes. x: (B, in_ch, H, W); temb: (B, temb_dim), SiLU already applied.
+    Returns (B, out_ch, H, W).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, num_groups: int, dropout: float,
+                 zero_init: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        if zero_init:
+            # The block starts as the identity (or the 1x1 skip), so a deep stack starts well conditioned.
+            _zero(self.conv2)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection.
+
+    GroupNorm, a 1x1 conv to queries, keys and values, softmax(q k^T / sqrt(C)) v through
+    ``F.scaled_dot_product_attention``, a 1x1 output projection. x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, num_groups: int, zero_init: bool) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        if zero_init:
+            _zero(self.proj_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, H*W, 3C): one token per position
+        q, k, v = qkv[:, None].chunk(3, dim=-1)  # each (B, 1 head, H*W, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C); default scale is 1/sqrt(C)
+        h = h[:, 0].transpose(1, 2).reshape(b, c, height, width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 conv3x3. (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour 2x, then conv3x3. (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNetLevel(nn.Module):
+    """One resolution of the encoder or the decoder: residual blocks, each followed by self-attention
+    where the level has it, then an optional resampling layer (Downsample, Upsample or None)."""
+
+    def __init__(self, res_blocks: list[ResidualBlock], attention: list[nn.Module],
+                 resample: nn.Module | None) -> None:
+        super().__init__()
+        self.res_blocks = nn.ModuleList(res_blocks)
+        self.attn_blocks = nn.ModuleList(attention)  # nn.Identity where the level has no attention
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. 2020, App. B; the official TensorFlow model's structure).
+
+    Timestep: a sinusoidal embedding of size ch, then Linear(ch, 4ch), SiLU, Linear(4ch, 4ch); every
+    residual block adds its own Linear projection of it. Encoder: a conv3x3 to ch channels, then per
+    level num_res_blocks residual blocks (with attention at the chosen resolutions) and a stride-2
+    conv down, except at the last level. Middle: residual block, attention, residual block. Decoder:
+    per level num_res_blocks + 1 residual blocks, each taking the concatenation of the previous
+    output and one encoder activation (every encoder output is used exactly once, last in first out),
+    then nearest 2x + conv3x3 up, except at the finest level. Output: GroupNorm, SiLU, conv3x3.
+
+    x_t: (B, in_channels, H, W) with H, W divisible by 2 ** (levels - 1); H, W need not equal
+    image_size (which only decides where attention goes: by level, not by pixel count). t: (B,)
+    integer timesteps (a float t also works, the embedding being sinusoidal). Returns
+    (B, out_channels, H, W), unbounded.
+    """
+
+    preset = "unet"
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_levels = len(config.channel_mult)
+        self.downsample_factor = 2 ** (num_levels - 1)
+        temb_dim = 4 * config.ch
+
+        def res_block(c_in: int, c_out: int) -> ResidualBlock:
+            return ResidualBlock(c_in, c_out, temb_dim, config.num_groups, config.dropout, config.zero_init)
+
+        def attention(c: int, resolution: int) -> nn.Module:
+            if resolution in config.attention_resolutions:
+                return AttentionBlock(c, config.num_groups, config.zero_init)
+            return nn.Identity()
+
+        self.time_embed = SinusoidalEmbedding(config.ch)
+        self.time_mlp = nn.Sequential(nn.Linear(config.ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.input_conv = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+
+        # Encoder. skip_channels tracks the channels of every activation the decoder will concatenate.
+        level_channels = [config.ch * m for m in config.channel_mult]
+        skip_channels = [config.ch]
+        c = config.ch
+        self.down = nn.ModuleList()
+        for i, (c_out, resolution) in enumerate(zip(level_channels, config.resolutions)):
+            blocks, attns = [], []
+            for _ in range(config.num_res_blocks):
+                blocks.append(res_block(c, c_out))
+                attns.append(attention(c_out, resolution))
+                c = c_out
+                skip_channels.append(c)
+            downsample = Downsample(c) if i < num_levels - 1 else None
+            if downsample is not None:
+                skip_channels.append(c)
+            self.down.append(UNetLevel(blocks, attns, downsample))
+
+        self.mid_block1 = res_block(c, c)
+        self.mid_attn = AttentionBlock(c, config.num_groups, config.zero_init)
+        self.mid_block2 = res_block(c, c)
+
+        # Decoder: one block more per level than the encoder, to use the downsampled activations too.
+        self.up = nn.ModuleList()
+        for i in reversed(range(num_levels)):
+            c_out, resolution = level_channels[i], config.resolutions[i]
+            blocks, attns = [], []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(res_block(c + skip_channels.pop(), c_out))
+                attns.append(attention(c_out, resolution))
+                c = c_out
+            self.up.append(UNetLevel(blocks, attns, Upsample(c) if i > 0 else None))
+        assert not skip_channels, "every encoder activation is used exactly once"
+
+        self.output_norm = nn.GroupNorm(config.num_groups, c)
+        self.output_conv = nn.Conv2d(c, config.out_channels or config.in_channels, 3, padding=1)
+        if config.zero_init:
+            # The network starts by predicting eps = 0, the mean of the target, instead of a random field.
+            _zero(self.output_conv)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        check_input_shapes(x_t, t, (self.config.in_channels, None, None), self.downsample_factor)
+        # SiLU once here rather than in every block: each block projects SiLU(temb).
+        # The embedding is computed in float32 (exact for integer t) and cast to the model's dtype.
+        temb = F.silu(self.time_mlp(self.time_embed(t).to(x_t.dtype)))  # (B, 4ch)
+        h = self.input_conv(x_t)
+        skips = [h]
+        for level in self.down:
+            for block, attn in zip(level.res_blocks, level.attn_blocks):
+                h = attn(block(h, temb))
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        for level in self.up:
+            for block, attn in zip(level.res_blocks, level.attn_blocks):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.output_conv(F.silu(self.output_norm(h)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_divisible(image_size: int, num_levels: int, levels_from: str) -> None:
+    factor = 2 ** (num_levels - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"image_size={image_size} must be divisible by {factor}: {levels_from} gives {num_levels} "
+            f"levels, so the resolution is halved {num_levels - 1} times")
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _zero(layer: nn.Conv2d) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)

@@ -1,0 +1,369 @@
+"""Contract tests every noise-prediction network must pass, plus per-architecture checks.
+
+The contract (DESIGN.md): ``model(x_t, t)`` returns a tensor shaped like x_t, depends on t, trains
+(every parameter gets a gradient, a fixed batch can be overfitted), rebuilds from its JSON config,
+and is deterministic given a seed. Big presets are tested with small overrides, except where the
+real size is the point (parameter counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ddpm.models import (
+    PRESETS, build_model, build_model_from_dict, model_config_dict, preset_config, sinusoidal_embedding,
+)
+
+# Importing torch's compiler stack warns about torch.jit inside torch itself; nothing to act on here.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+# One small configuration per architecture (the paper's U-Net appears twice: a generic small
+# config with attention at the finest level, and the real unet-mnist preset), with its sample shape.
+CASES = {
+    "mlp-toy": ({"channels": 1, "image_size": 8, "hidden_dim": 64}, (1, 8, 8)),
+    "mlp-2d": ({"hidden_dim": 64}, (2,)),
+    "unet-small": ({"in_channels": 1, "image_size": 8}, (1, 8, 8)),
+    "unet": ({"in_channels": 3, "image_size": 16, "ch": 16, "channel_mult": (1, 2), "num_res_blocks": 1,
+              "attention_resolutions": (16,), "num_groups": 8}, (3, 16, 16)),
+    "unet-mnist": ({}, (1, 28, 28)),
+}
+
+PARAMETER_COUNTS = {  # golden values: a change here changes every saved checkpoint
+    "mlp-toy": 804_624,
+    "mlp-2d": 677_890,
+    "unet-small": 135_473,
+    "unet": 6_469_889,
+    "unet-cifar10": 35_746_307,  # the paper's 35.7M; diffusers' google/ddpm-cifar10-32 has the same
+    "unet-mnist": 1_112_801,
+}
+
+
+def make_inputs(sample_shape, batch=3, seed=0):
+    """A fixed batch: x_t (B, *sample_shape) and t (B,) spread over 0..T-1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *sample_shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return x, t
+
+
+def randomize_(model, seed=0):
+    """Perturb every parameter, so zero-initialised layers stop hiding the rest of the network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def build_case(name, seed=0, **extra):
+    overrides, shape = CASES[name]
+    return build_model(name, seed=seed, **{**overrides, **extra}), shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_presets_lists_every_required_name_with_a_one_line_description():
+    assert set(PARAMETER_COUNTS) <= set(PRESETS)
+    for name, description in PRESETS.items():
+        assert isinstance(description, str) and description and "\n" not in description, name
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
+def test_parameter_counts(name):
+    model = build_model(name, device="meta")  # shapes only: the CIFAR-10 model costs nothing to count
+    assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[name]
+
+
+def test_cifar10_preset_matches_the_paper_size():
+    n = sum(p.numel() for p in build_model("unet-cifar10", device="meta").parameters())
+    assert abs(n - 35.7e6) / 35.7e6 < 0.005
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
+def test_config_dict_is_json_and_rebuilds_the_same_config(name):
+    model = build_model(name, device="meta")
+    d = model_config_dict(model)
+    assert d["preset"] == name
+    assert json.loads(json.dumps(d)) == d
+    rebuilt = build_model_from_dict(json.loads(json.dumps(d)), device="meta")
+    assert rebuilt.config == model.config and type(rebuilt) is type(model)
+    assert model_config_dict(rebuilt) == d
+
+
+def test_config_dict_sees_through_torch_compile():
+    model = build_model("mlp-2d")
+    assert model_config_dict(torch.compile(model)) == model_config_dict(model)  # compiles nothing until called
+
+
+def test_overrides_accept_json_lists_and_store_tuples():
+    config = preset_config("unet", channel_mult=[1, 2], attention_resolutions=[14], dropout=0)
+    assert config.channel_mult == (1, 2) and config.attention_resolutions == (14,)
+    assert isinstance(config.dropout, float)
+
+
+@pytest.mark.parametrize("preset, overrides, expected", [
+    ("foo", {}, ["unknown preset 'foo'", "mlp-2d", "mlp-toy", "unet", "unet-cifar10", "unet-mnist", "unet-small"]),
+    ("unet", {"chanels": 64}, ["unknown option 'chanels'", "allowed:", "ch", "channel_mult"]),
+    ("mlp-2d", {"image_size": 28}, ["unknown option 'image_size'", "data_dim"]),
+    ("unet", {"image_size": 30}, ["image_size=30", "divisible by 4"]),
+    ("unet-cifar10", {"image_size": 36}, ["image_size=36", "divisible by 8"]),
+    ("unet-small", {"image_size": 10}, ["image_size=10", "divisible by 4"]),
+    ("unet", {"attention_resolutions": (16,)}, ["16 is never reached", "28, 14, 7"]),
+    ("unet-cifar10", {"attention_resolutions": (16, 3)}, ["3 is never reached", "32, 16, 8, 4"]),
+    ("unet", {"ch": 48}, ["num_groups=32", "48, 96"]),
+    ("unet-mnist", {"ch": 36}, ["num_groups=8", "36, 72"]),
+    ("unet", {"ch": 0}, ["ch must be positive", "got 0"]),
+    ("unet", {"channel_mult": (1, 0)}, ["channel_mult must be positive"]),
+    ("unet", {"channel_mult": ()}, ["channel_mult must list at least one level"]),
+    ("unet", {"num_res_blocks": 0}, ["num_res_blocks must be positive"]),
+    ("unet", {"dropout": 1.5}, ["dropout must be in [0, 1)", "1.5"]),
+    ("unet", {"ch": "64"}, ["ch must be an integer", "'64'"]),
+    ("unet", {"ch": True}, ["ch must be an integer"]),
+    ("unet", {"out_channels": -3}, ["out_channels must be positive"]),
+    ("unet-small", {"channels": (16,)}, ["at least 2 levels"]),
+    ("unet-small", {"num_steps": 0}, ["num_steps must be positive"]),
+    ("mlp-toy", {"image_size": -1}, ["image_size must be positive"]),
+    ("mlp-2d", {"norm": "batch"}, ["norm='batch'", "'layer'", "'none'"]),
+    ("mlp-2d", {"hidden_dim": 0}, ["hidden_dim must be positive"]),
+])
+def test_bad_overrides_raise_value_error_saying_what_and_what_is_allowed(preset, overrides, expected):
+    with pytest.raises(ValueError) as info:
+        build_model(preset, device="meta", **overrides)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_build_model_from_dict_needs_a_preset():
+    with pytest.raises(ValueError, match="'preset'"):
+        build_model_from_dict({"ch": 32})
+
+
+# ---------------------------------------------------------------------------------------------
+# The model contract
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, overrides, shape", [
+    ("mlp-toy", {"channels": 1, "image_size": 8}, (1, 8, 8)),
+    ("mlp-toy", {"channels": 3, "image_size": 16}, (3, 16, 16)),
+    ("mlp-toy", {"channels": 1, "image_size": 28}, (1, 28, 28)),
+    ("mlp-toy", {"channels": 3, "image_size": 32}, (3, 32, 32)),
+    ("mlp-2d", {}, (2,)),
+    ("mlp-2d", {"data_dim": 5, "norm": "none"}, (5,)),
+    ("unet-small", {"in_channels": 1, "image_size": 8}, (1, 8, 8)),
+    ("unet-small", {"in_channels": 3, "image_size": 16}, (3, 16, 16)),
+    ("unet-small", {}, (1, 28, 28)),
+    ("unet-small", {"in_channels": 3, "image_size": 32}, (3, 32, 32)),
+    ("unet", {"image_size": 8, "ch": 16, "num_groups": 8, "attention_resolutions": (4,)}, (1, 8, 8)),
+    ("unet", {"in_channels": 3, "image_size": 16, "ch": 16, "num_groups": 8, "num_res_blocks": 1,
+              "attention_resolutions": (8,)}, (3, 16, 16)),
+    ("unet", {"ch": 16, "num_groups": 8, "num_res_blocks": 1}, (1, 28, 28)),
+    ("unet", {"in_channels": 3, "image_size": 32, "ch": 16, "num_groups": 8, "num_res_blocks": 1,
+              "channel_mult": (1, 2, 2, 2), "attention_resolutions": (16,)}, (3, 32, 32)),
+    ("unet-mnist", {}, (1, 28, 28)),
+    ("unet-cifar10", {}, (3, 32, 32)),
+])
+def test_output_shape_equals_input_shape(name, overrides, shape):
+    model = randomize_(build_model(name, seed=0, **overrides)).eval()
+    x, t = make_inputs(shape, batch=1 if name == "unet-cifar10" else 2)
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_unet_runs_at_other_sizes_than_it_was_built_for():
+    model = build_model("unet", seed=0, ch=16, num_groups=8, num_res_blocks=1).eval()
+    x, t = make_inputs((1, 16, 20))  # any H, W divisible by 4 for three levels
+    with torch.no_grad():
+        assert model(x, t).shape == x.shape
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_output_depends_on_t(name):
+    model, shape = build_case(name)
+    model = randomize_(model).eval()
+    x, _ = make_inputs(shape, batch=2)
+    with torch.no_grad():
+        out_early = model(x, torch.tensor([0, 10]))
+        out_late = model(x, torch.tensor([999, 500]))
+    # Each sample separately: a model ignoring t for some rows must fail too.
+    assert ((out_early - out_late).flatten(1).abs().amax(dim=1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("name", ["unet", "unet-mnist"])
+def test_zero_init_makes_the_initial_prediction_zero(name):
+    model, shape = build_case(name)
+    x, t = make_inputs(shape)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), torch.zeros_like(x))
+        off, _ = build_case(name, zero_init=False)
+        assert off(x, t).abs().amax() > 0
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_parameter_receives_a_gradient(name):
+    model, shape = build_case(name)
+    x, t = make_inputs(shape, batch=4)
+    target = torch.randn_like(x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # Zero-initialised layers block the gradient to everything before them on the first step; a
+    # few optimiser steps open every path (output conv, then each block's last conv, then the rest).
+    for _ in range(4):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x, t), target).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x, t), target).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert p.grad.abs().amax() > 0, f"{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_seed_gives_same_initial_weights(name):
+    a, _ = build_case(name, seed=7)
+    b, _ = build_case(name, seed=7)
+    c, _ = build_case(name, seed=8)
+    for (key, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), key
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_seed_argument_leaves_the_global_rng_alone_and_manual_seed_also_works():
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    build_model("mlp-2d", seed=0)
+    assert torch.equal(torch.rand(1), expected)
+    torch.manual_seed(11)
+    a = build_model("unet-small")
+    torch.manual_seed(11)
+    b = build_model("unet-small")
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_safetensors_round_trip_into_a_model_rebuilt_from_json_reproduces_outputs(name, tmp_path):
+    model, shape = build_case(name, seed=0)
+    model = randomize_(model).eval()
+    (tmp_path / "config.json").write_text(json.dumps(model_config_dict(model)))
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+
+    fresh = build_model_from_dict(json.loads((tmp_path / "config.json").read_text()), seed=123).eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    x, t = make_inputs(shape)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t), model(x, t))
+
+
+@pytest.mark.parametrize("name", ["mlp-toy", "unet-small", "unet", "unet-mnist"])
+def test_channels_last_matches_contiguous(name):
+    model, shape = build_case(name)
+    model = randomize_(model).eval()
+    x, t = make_inputs(shape)
+    with torch.no_grad():
+        expected = model(x, t)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5 * expected.abs().amax().item())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_runs_in_bfloat16(name):
+    model, shape = build_case(name)
+    x, t = make_inputs(shape)
+    with torch.no_grad():
+        out = randomize_(model).to(torch.bfloat16).eval()(x.to(torch.bfloat16), t)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dynamo_traces_the_whole_forward_without_graph_breaks(name):
+    # explain() traces with TorchDynamo but compiles nothing, so it is quick on a CPU; the
+    # benchmark script (--compile) checks torch.compile(fullgraph=True) end to end.
+    torch._dynamo.reset()
+    model, shape = build_case(name)
+    x, t = make_inputs(shape)
+    explanation = torch._dynamo.explain(model.eval())(x, t)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("name, x_shape, t_shape, message", [
+    ("unet", (2, 3, 28, 28), (2,), "x_t must have shape (B, 1, *, *)"),
+    ("unet", (2, 1, 30, 28), (2,), "multiple of 4"),
+    ("unet", (2, 1, 28, 28), (3,), "t must have shape (B,) = (2,)"),
+    ("unet-small", (1, 28, 28), (1,), "got (1, 28, 28)"),
+    ("mlp-2d", (4, 3), (4,), "x_t must have shape (B, 2)"),
+    ("mlp-toy", (2, 1, 16, 16), (2,), "x_t must have shape (B, 1, 28, 28)"),
+    ("mlp-2d", (4, 2), (4, 1), "t must have shape (B,)"),
+])
+def test_wrong_input_shapes_raise_value_error(name, x_shape, t_shape, message):
+    overrides = {"ch": 16, "num_groups": 8, "num_res_blocks": 1} if name == "unet" else {}
+    model = build_model(name, **overrides)
+    with pytest.raises(ValueError) as info:
+        model(torch.zeros(x_shape), torch.zeros(t_shape, dtype=torch.long))
+    assert message in str(info.value)
+
+
+# A fixed batch, fixed t and fixed target noise; Adam regression of model(x_t, t) onto the target.
+# The target is standard normal, so a bounded output (a sigmoid, a tanh) could not fit it.
+OVERFIT = {  # name -> (extra overrides, learning rate, steps)
+    "mlp-toy": ({}, 1e-3, 100),
+    "mlp-2d": ({}, 3e-3, 200),
+    "unet-small": ({}, 1e-2, 200),
+    "unet": ({"dropout": 0.0}, 3e-3, 100),
+    "unet-mnist": ({"dropout": 0.0, "image_size": 8, "attention_resolutions": (2,)}, 2e-3, 80),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERFIT))
+def test_overfits_one_batch(name):
+    extra, lr, steps = OVERFIT[name]
+    model, shape = build_case(name, seed=0, **extra)
+    if name == "unet-mnist":
+        shape = (1, 8, 8)
+    batch = 64 if name == "mlp-2d" else 4
+    x, t = make_inputs(shape, batch=batch)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x, t), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3g} -> {losses[-1]:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sinusoidal timestep embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_embedding_values():
+    t = torch.tensor([0, 1, 37, 999])
+    emb = sinusoidal_embedding(t, 8)
+    assert emb.shape == (4, 8) and emb.dtype == torch.float32
+    half = 4
+    for row, step in enumerate(t.tolist()):
+        for i in range(half):
+            angle = step * 10000.0 ** (-i / half)
+            assert emb[row, i].item() == pytest.approx(math.sin(angle), abs=1e-4)
+            assert emb[row, half + i].item() == pytest.approx(math.cos(angle), abs=1e-4)
+
+
+def test_sinusoidal_embedding_odd_dim_and_distinct_rows():
+    emb = sinusoidal_embedding(torch.arange(1000), 7)
+    assert emb.shape == (1000, 7) and torch.equal(emb[:, -1], torch.zeros(1000))
+    assert torch.cdist(emb, emb).add(torch.eye(1000)).amin() > 1e-3  # every timestep is told apart
