@@ -1,0 +1,86 @@
+"""Datasets stored as numpy ``.npy`` / ``.npz`` files: points (N, D) or images (N, H, W[, C]).
+
+Loaded with ``allow_pickle=False``: an object array would need pickle, which can run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddpm.data.errors import DataError
+from ddpm.data.transforms import uint8_to_float
+
+__all__ = ["ArrayData", "load_array", "array_to_tensor"]
+
+_DATA_KEYS = ("data", "images", "points", "x")  # the array an .npz's dataset is read from, first found
+_LABEL_KEYS = ("labels", "y")
+
+
+class ArrayData(NamedTuple):
+    """What a .npy/.npz holds: ``data`` as stored, ``labels`` (N,) or None."""
+
+    data: np.ndarray
+    labels: np.ndarray | None
+
+
+def load_array(path: str | Path) -> ArrayData:
+    """Read a .npy (the data) or .npz (data under "data"/"images"/"points"/"x" or its only array;
+    labels under "labels"/"y" when present)."""
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as err:  # numpy's refusal of object arrays, or a malformed header
+        raise DataError(f"{path} cannot be read without pickle or is malformed: {err}") from err
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    if isinstance(loaded, np.ndarray):
+        return ArrayData(loaded, None)
+    with loaded:
+        keys = list(loaded.files)
+        data_key = next((k for k in _DATA_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if data_key is None:
+            raise DataError(f"{path} holds arrays {keys}; name the data one of {', '.join(_DATA_KEYS)}")
+        label_key = next((k for k in _LABEL_KEYS if k in keys and k != data_key), None)
+        try:
+            data = loaded[data_key]
+            labels = loaded[label_key] if label_key else None
+        except ValueError as err:
+            raise DataError(f"{path} cannot be read without pickle: {err}") from err
+    if labels is not None and labels.shape != (len(data),):
+        raise DataError(f"{path}: {label_key!r} has shape {labels.shape}, expected ({len(data)},) to match the data")
+    return ArrayData(data, labels)
+
+
+def array_to_tensor(array: np.ndarray, source: str) -> tuple[Tensor, str]:
+    """Convert to the package's conventions; returns (tensor, kind).
+
+    (N, D) real numbers -> points float32 (N, D), values kept. (N, H, W) or (N, H, W, C) with C in
+    {1, 3}, uint8 or float in [0, 1] -> images float32 (N, C, H, W) in [-1, 1].
+    """
+    if array.ndim == 2:
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise DataError(f"{source}: points must be real numbers; got dtype {array.dtype}")
+        points = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if not torch.isfinite(points).all():
+            raise DataError(f"{source}: points contain NaN or infinite values")
+        return points, "points"
+    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] not in (1, 3)):
+        raise DataError(
+            f"{source} has shape {array.shape}; expected points (N, D) or images (N, H, W) or (N, H, W, C) "
+            "with C 1 or 3 (channels last)"
+        )
+    if array.dtype == np.uint8:
+        return uint8_to_float(array), "image"
+    if np.issubdtype(array.dtype, np.floating):
+        lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+            raise DataError(f"{source}: float images must lie in [0, 1]; found values from {lo:g} to {hi:g}")
+        images = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        return (images * 2 - 1).contiguous(), "image"
+    raise DataError(f"{source}: images must be uint8 (0..255) or float in [0, 1]; got dtype {array.dtype}")

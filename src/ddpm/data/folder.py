@@ -1,0 +1,131 @@
+"""Any folder of images (PNG, JPEG, WebP), decoded once with Pillow into one uint8 array.
+
+Files are found recursively and sorted by their path relative to the folder, so the same folder
+always gives the same order. Each image is turned upright by its EXIF orientation, converted to
+grayscale or RGB, resized so its shorter side is ``image_size`` (bicubic, which Pillow antialiases
+when shrinking) and centre-cropped to a square. Files Pillow cannot read are skipped and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ddpm.data._checks import require_channels, require_int
+from ddpm.data.errors import DataError
+
+__all__ = ["IMAGE_SUFFIXES", "FolderImages", "list_image_files", "load_image_folder", "skipped_message"]
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})  # plus the 16-bit "I;16*" family
+_SHOWN_SKIPPED = 5  # names listed in the skipped-files message before "and N more"
+
+
+class FolderImages(NamedTuple):
+    """The decoded images and what could not be decoded.
+
+    images: uint8 (N, S, S, C); files: the N files read, in order; skipped: files Pillow could not
+    read; total: files considered (N + len(skipped)).
+    """
+
+    images: np.ndarray
+    files: tuple[Path, ...]
+    skipped: tuple[Path, ...]
+    total: int
+
+
+def list_image_files(root: str | Path) -> list[Path]:
+    """Image files under root, recursively, sorted by relative path (case-insensitive suffix match)."""
+    root = Path(root)
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def skipped_message(skipped: Sequence[Path], total: int) -> str:
+    """'skipped 2 of 10 files that Pillow could not read: a.png, b.png' (at most five names shown)."""
+    names = ", ".join(p.name for p in skipped[:_SHOWN_SKIPPED])
+    more = f" and {len(skipped) - _SHOWN_SKIPPED} more" if len(skipped) > _SHOWN_SKIPPED else ""
+    return f"skipped {len(skipped)} of {total} files that Pillow could not read: {names}{more}"
+
+
+def _open(path: Path) -> Image.Image:
+    """Fully decode one file, upright. Raises what Pillow raises for unreadable files."""
+    with Image.open(path) as image:
+        image.load()  # decode now, inside the try of the caller, rather than lazily later
+        return ImageOps.exif_transpose(image)
+
+
+def _is_gray(image: Image.Image) -> bool:
+    return image.mode in _GRAY_MODES or image.mode.startswith("I;16")
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to "L" or "RGB", compositing transparency over white and scaling 16-bit gray to 8 bits."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Pillow's convert clips 16-bit values at 255; scale instead (65535 / 257 = 255).
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels carry arbitrary colour values; white is the neutral backdrop.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert(mode)
+
+
+def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image_folder(
+    root: str | Path,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    files: Sequence[Path] | None = None,
+) -> FolderImages:
+    """Decode the images of a folder into uint8 (N, image_size, image_size, channels).
+
+    image_size: None takes the shorter side of the first readable image. channels: 1 (gray) or
+    3 (RGB); None takes 1 when the first readable image is grayscale, else 3. files: a subset of
+    :func:`list_image_files` to read instead of all of them. Raises DataError when the folder
+    does not exist, holds no images, or none of them can be read.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    require_channels(channels, optional=True)
+    require_int("image_size", image_size, optional=True)
+    files = list(list_image_files(root) if files is None else files)
+    if not files:
+        raise DataError(f"{root} holds no images: looked for {', '.join(sorted(IMAGE_SUFFIXES))} files, recursively")
+    read: list[Path] = []
+    skipped: list[Path] = []
+    out: np.ndarray | None = None
+    for path in files:
+        try:
+            image = _open(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            skipped.append(path)
+            continue
+        if out is None:  # the first readable image fixes whatever was left open
+            image_size = image_size or min(image.size)
+            channels = channels or (1 if _is_gray(image) else 3)
+            out = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
+        pixels = np.asarray(_resize_center_crop(_to_mode(image, "L" if channels == 1 else "RGB"), image_size))
+        out[len(read)] = pixels.reshape(image_size, image_size, channels)
+        read.append(path)
+    if out is None:
+        raise DataError(
+            f"none of the {len(files)} image files in {root} could be read by Pillow (first: {files[0].name})"
+        )
+    return FolderImages(out[: len(read)], tuple(read), tuple(skipped), len(files))

@@ -1,0 +1,244 @@
+"""One entry point, :func:`load_dataset`: a built-in name or a path in, a whole dataset in memory out.
+
+The datasets here are small enough to hold as one tensor, which is also the fastest data path and
+makes resuming exact: a training run's data position is just an index into ``Dataset.data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddpm.data import synthetic
+from ddpm.data._checks import require_channels, require_int
+from ddpm.data.arrays import array_to_tensor, load_array
+from ddpm.data.cifar import find_cifar10, load_cifar10
+from ddpm.data.download import resolve_data_path
+from ddpm.data.errors import DataError
+from ddpm.data.folder import list_image_files, load_image_folder, skipped_message
+from ddpm.data.mnist import ImagesAndLabels, find_mnist_files, load_mnist
+from ddpm.data.transforms import convert_channels, resize_center_crop, uint8_to_float
+
+__all__ = ["Dataset", "DATASETS", "list_datasets", "load_dataset"]
+
+Kind = Literal["image", "points"]
+Split = Literal["train", "test"]
+
+DATASETS: dict[str, str] = {
+    "square": "the tutorials' 8x8 square (1 channel, or 3), a single image to overfit",
+    "gradients": "two-colour linear gradients along random directions, 3x16x16, generated from a seed",
+    "moons": "2-D points: two interleaved half circles",
+    "swissroll": "2-D points: a spiral of one and a half turns",
+    "8gaussians": "2-D points: 8 well-separated Gaussians on a circle",
+    "checkerboard": "2-D points: uniform on the dark cells of a 4x4 checkerboard",
+    "mnist": "handwritten digits, 1x28x28, 60000 train / 10000 test (local IDX files or a checked download)",
+    "cifar10": "colour photos in 10 classes, 3x32x32, 50000 train / 10000 test (local batches or a checked download)",
+}
+
+# Generated sets: the generator, its default n, and whether it makes images.
+_GENERATED: dict[str, tuple[Callable[..., Tensor], int, bool]] = {
+    "square": (synthetic.make_square, 1, True),
+    "gradients": (synthetic.make_gradients, 10_000, True),
+    "moons": (synthetic.make_moons, 10_000, False),
+    "swissroll": (synthetic.make_swissroll, 10_000, False),
+    "8gaussians": (synthetic.make_8gaussians, 10_000, False),
+    "checkerboard": (synthetic.make_checkerboard, 10_000, False),
+}
+# A generated set's "test" split is drawn with seed ^ this constant, so it never repeats "train"
+# for the same seed. It stays below 2**32 because torch's CPU generator keeps only 32 bits of a seed.
+_TEST_SEED_MASK = 0x7E57_5EED
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole dataset in memory, in the package's conventions.
+
+    data: float32 images (N, C, H, W) in [-1, 1] or points (N, D). labels: int64 (N,) or None.
+    notes: one-line messages for the user (files skipped, conversions made); the CLI prints them.
+    skipped: files of an image folder that Pillow could not read.
+    """
+
+    data: Tensor
+    kind: Kind
+    name: str
+    labels: Tensor | None = None
+    notes: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one item: (C, H, W) or (D,)."""
+        return tuple(self.data.shape[1:])
+
+
+def list_datasets() -> dict[str, str]:
+    """Built-in dataset name -> one-line description (paths to folders and arrays work too)."""
+    return dict(DATASETS)
+
+
+def load_dataset(
+    name_or_path: str | Path,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    seed: int = 0,
+    n: int | None = None,
+    split: Split = "train",
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+) -> Dataset:
+    """Load a built-in dataset by name, or the dataset at a path, as one float32 tensor.
+
+    name_or_path: a name of :data:`DATASETS`, or a path: an image folder, a .npy/.npz file, a
+        folder holding the MNIST IDX files or CIFAR-10 batches, or the CIFAR-10 .tar.gz. Names
+        win: write ./mnist for a folder that is called like one.
+    image_size, channels: the image shape wanted. None keeps the source's own (for a folder: the
+        first image's shorter side and mode). Fixed-size sources (MNIST, CIFAR-10, arrays) are
+        resized (antialiased bicubic, shorter side then centre crop) and converted (RGB to gray by
+        BT.601 luma, gray to RGB by repeating); point sets accept neither.
+    seed: seeds generated sets and the choice of a subset.
+    n: generated sets: how many to draw (default 1 square, else 10000); stored sets: a random
+        subset of n items (kept in stored order), None for all.
+    split: "train" or "test"; for generated sets "test" is another draw (seed ^ 0x7E575EED).
+    data_dir, cache_dir, download: where MNIST/CIFAR-10 come from (see resolve_data_path).
+    Raises DataError with a one-line message for every problem with the name, path or files.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split={split!r} is not allowed; choose 'train' or 'test'")
+    require_int("n", n, optional=True)
+    require_int("image_size", image_size, optional=True)
+    require_channels(channels, optional=True)
+    name = str(name_or_path)
+    if name in _GENERATED:
+        return _generated(name, image_size, channels, seed, n, split)
+    if name in ("mnist", "cifar10"):
+        root = resolve_data_path(name, data_dir=data_dir, cache_dir=cache_dir, split=split, download=download)
+        return _stored_images(name, root, image_size, channels, seed, n, split)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"unknown dataset {name!r}: not one of {', '.join(DATASETS)}, and no file or folder by that name"
+        )
+    return _from_path(path, image_size, channels, seed, n, split)
+
+
+def _generated(name: str, image_size: int | None, channels: int | None, seed: int, n: int | None,
+               split: str) -> Dataset:
+    make, default_n, is_image = _GENERATED[name]
+    seed = seed ^ _TEST_SEED_MASK if split == "test" else seed
+    if not is_image:
+        _refuse_image_options(name, image_size, channels)
+        return Dataset(make(n or default_n, seed=seed), "points", name)
+    options = {k: v for k, v in (("image_size", image_size), ("channels", channels)) if v is not None}
+    return Dataset(make(n or default_n, seed=seed, **options), "image", name)
+
+
+def _refuse_image_options(name: str, image_size: int | None, channels: int | None) -> None:
+    if image_size is not None or channels is not None:
+        raise DataError(f"{name} is a set of points; image_size and channels apply only to images")
+
+
+def _refuse_split(source: str, split: str) -> None:
+    if split != "train":
+        raise DataError(f"split={split!r}: {source} has no splits; only mnist, cifar10 and generated sets do")
+
+
+def _from_path(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None,
+               split: str) -> Dataset:
+    if path.is_dir():
+        # Either split's files mark an MNIST folder; load_mnist then says if this split is missing.
+        if any(find_mnist_files(path, s) is not None for s in ("train", "test")):
+            return _stored_images("mnist", path, image_size, channels, seed, n, split)
+        if find_cifar10(path) is not None:
+            return _stored_images("cifar10", path, image_size, channels, seed, n, split)
+        _refuse_split(str(path), split)
+        return _image_folder(path, image_size, channels, seed, n)
+    if path.name.endswith(".tar.gz"):
+        return _stored_images("cifar10", path, image_size, channels, seed, n, split)
+    if path.suffix in (".npy", ".npz"):
+        _refuse_split(str(path), split)
+        return _array_file(path, image_size, channels, seed, n)
+    raise DataError(
+        f"{path} is not a dataset this loader reads: use an image folder, a .npy/.npz file, "
+        "the MNIST or CIFAR-10 files, or a built-in name"
+    )
+
+
+def _subset(total: int, n: int | None, seed: int, source: str) -> Tensor | None:
+    """Sorted indices of a random subset of n out of total, or None for everything."""
+    if n is None or n == total:
+        return None
+    if n > total:
+        raise DataError(f"n={n} is more than the {total} items in {source}")
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    return chosen.sort().values
+
+
+def _shape_images(images: Tensor, image_size: int | None, channels: int | None) -> tuple[Tensor, tuple[str, ...]]:
+    """Apply the requested channels and size to (N, C, H, W); returns the images and what was done."""
+    notes = []
+    if channels is not None and channels != images.shape[1]:
+        notes.append(f"converted {images.shape[1]} channel(s) to {channels}")
+        # Gray first when reducing, so the resize handles one channel instead of three.
+        images = convert_channels(images, channels) if channels < images.shape[1] else images
+    if image_size is not None and images.shape[-2:] != (image_size, image_size):
+        notes.append(f"resized {images.shape[-1]}x{images.shape[-2]} images to {image_size}x{image_size}")
+        images = resize_center_crop(images, image_size)
+    if channels is not None and channels > images.shape[1]:
+        images = convert_channels(images, channels)
+    return images, tuple(notes)
+
+
+def _stored_images(name: str, root: Path, image_size: int | None, channels: int | None, seed: int,
+                   n: int | None, split: str) -> Dataset:
+    stored: ImagesAndLabels = load_mnist(root, split) if name == "mnist" else load_cifar10(root, split)
+    index = _subset(len(stored.images), n, seed, name)
+    images, labels = stored.images, stored.labels
+    if index is not None:
+        images, labels = images[index.numpy()], labels[index.numpy()]
+    data, notes = _shape_images(uint8_to_float(images), image_size, channels)
+    return Dataset(data, "image", name, torch.from_numpy(labels), notes)
+
+
+def _image_folder(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None) -> Dataset:
+    files = list_image_files(path)
+    index = _subset(len(files), n, seed, str(path)) if files else None
+    if index is not None:
+        files = [files[i] for i in index.tolist()]
+    folder = load_image_folder(path, image_size=image_size, channels=channels, files=files)
+    notes = (skipped_message(folder.skipped, folder.total),) if folder.skipped else ()
+    skipped = tuple(str(p) for p in folder.skipped)
+    return Dataset(uint8_to_float(folder.images), "image", path.name, notes=notes, skipped=skipped)
+
+
+def _array_file(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None) -> Dataset:
+    stored = load_array(path)
+    index = _subset(len(stored.data), n, seed, str(path))
+    array, labels = stored.data, stored.labels
+    if index is not None:
+        array = array[index.numpy()]
+        labels = labels[index.numpy()] if labels is not None else None
+    data, kind = array_to_tensor(array, str(path))
+    notes: tuple[str, ...] = ()
+    if kind == "points":
+        _refuse_image_options(path.name, image_size, channels)
+    else:
+        data, notes = _shape_images(data, image_size, channels)
+    label_tensor = _labels_tensor(labels, path) if labels is not None else None
+    return Dataset(data, kind, path.name, label_tensor, notes)
+
+
+def _labels_tensor(labels: np.ndarray, path: Path) -> Tensor:
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels must be integers; got dtype {labels.dtype}")
+    return torch.from_numpy(labels.astype(np.int64))
