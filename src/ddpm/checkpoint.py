@@ -1,0 +1,258 @@
+"""Run-directory I/O: safetensors weights, JSON config and training state, atomic writes.
+
+    runs/NAME/
+      config.json                    the run's Config plus the resolved model architecture
+      checkpoints/step_0001000/      model.safetensors, ema.safetensors, state.safetensors, state.json, config.json
+      checkpoints/latest             the name of the newest complete checkpoint
+      samples/step_0001000.png
+      metrics.jsonl
+
+A checkpoint is written into a temporary folder, every file flushed to disk, then renamed into place;
+only after that is ``latest`` replaced (by another rename). A crash at any moment leaves ``latest``
+naming a complete checkpoint. Nothing is read with pickle: tensors come from safetensors, the rest
+from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError", "CHECKPOINT_FILES", "checkpoint_name", "write_json", "read_json", "save_checkpoint",
+    "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors", "optimizer_state_to_tensors",
+    "optimizer_state_from_tensors", "find_run_files",
+]
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "config.json")
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message is one line for the user."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# --- atomic files ---------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename inside ``path`` durable; not possible (nor needed) on some platforms.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temporary file, flush, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} is missing: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{what} is damaged (not valid JSON): {path}") from None
+
+
+# --- optimiser state as tensors + JSON ------------------------------------------------------------
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into named tensors and a JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_tensors(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuild the ``optimizer.state_dict()`` that :func:`optimizer_state_to_tensors` split."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, entries in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- writing a checkpoint -------------------------------------------------------------------------
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    ema_model: nn.Module,
+    tensors: Mapping[str, Tensor],
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` of ``run_dir`` atomically, point ``latest`` at it, keep the last ``keep``.
+
+    tensors: the training state's tensors (optimiser moments, RNG states, data order), saved with
+    safetensors; state: its JSON-able rest; config: the run's config.json content.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_cpu_state(model), tmp / "model.safetensors")
+    save_file(_cpu_state(ema_model), tmp / "ema.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+    for file in ("model.safetensors", "ema.safetensors", "state.safetensors"):
+        _fsync_file(tmp / file)
+    write_json(tmp / "state.json", dict(state))
+    write_json(tmp / "config.json", dict(config))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (e.g. a resumed run stopping where it resumed)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    latest_tmp = root / f".latest.tmp-{os.getpid()}"
+    with open(latest_tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    model = _unwrap(model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module) and isinstance(
+                model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete-looking checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names, or None when the run has none yet."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not _STEP_DIR.match(name):
+        raise CheckpointError(f"{pointer} is damaged: it should name a step_NNNNNNN folder, not {name[:40]!r}")
+    path = root / name
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing")
+    return path
+
+
+def find_run_files(path: str | Path) -> Path:
+    """A run directory or one of its checkpoint folders -> the checkpoint folder to load."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run directory or checkpoint: {path}")
+    if (path / "model.safetensors").is_file() or _STEP_DIR.match(path.name):
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing")
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a run directory or a checkpoint folder")
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise CheckpointError(f"{path} holds no checkpoint (no checkpoints/latest); train it first")
+    return checkpoint
+
+
+def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
+    """Read a safetensors file (never pickle), with a one-line error when it is damaged."""
+    path = Path(path)
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} is missing: {path}") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{what} is damaged or truncated ({first_line}): {path}") from None
+
+
+def load_weights(model: nn.Module, path: str | Path, what: str = "weights") -> None:
+    """Load a safetensors state dict into ``model``; a different architecture is a one-line error."""
+    tensors = load_tensors(path, what)
+    target = _unwrap(model)
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}" if unexpected
+                  else f"{wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, "
+                       f"the model needs {tuple(expected[wrong[0]].shape)}")
+        raise CheckpointError(f"{path} was made for a different architecture ({detail}, "
+                              f"{len(missing) + len(unexpected) + len(wrong)} mismatches)")
+    target.load_state_dict(tensors)

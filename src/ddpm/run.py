@@ -1,0 +1,100 @@
+"""A trained run, ready to sample from: ``run = ddpm.load("runs/square")``.
+
+    run = ddpm.load("runs/mnist")                     # or a checkpoint folder
+    x = run.sample(16, sampler="ddim", steps=50)      # (16, 1, 28, 28) in [-1, 1], EMA weights
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddpm import checkpoint as ckpt
+from ddpm.config import Config, config_from_dict
+from ddpm.models import build_model_from_dict
+from ddpm.sampling import SamplerStep, sample
+from ddpm.schedule import NoiseSchedule
+
+__all__ = ["Run", "load"]
+
+
+@dataclass
+class Run:
+    """The pieces of a trained run. ``model`` has the raw weights, ``ema_model`` their moving average."""
+
+    config: Config
+    model: nn.Module
+    ema_model: nn.Module
+    schedule: NoiseSchedule
+    kind: str  # "image" or "points"
+    sample_shape: tuple[int, ...]  # (C, H, W) or (D,)
+    step: int  # training steps behind these weights
+    checkpoint: Path
+
+    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
+               clip: bool | None = None, ema: bool = True, batch_size: int | None = None, seed: int = 0,
+               generator: torch.Generator | None = None,
+               callback: Callable[[SamplerStep], None] | None = None, progress: bool = False) -> Tensor:
+        """Draw ``n`` samples (n, *sample_shape) on the CPU; options default to the run's [sample] config.
+
+        batch_size: how many to draw at once (default all n). seed: used when no generator is given.
+        clip applies to images only (points have no bounded range).
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n = {n!r} is not allowed; ask for at least 1 sample")
+        s = self.config.sample
+        sampler = s.sampler if sampler is None else sampler
+        steps = s.sample_steps if steps is None and sampler == s.sampler else steps
+        eta = s.eta if eta is None else eta
+        clip = (s.clip if clip is None else clip) and self.kind == "image"
+        batch_size = n if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size!r} is not allowed; it must be at least 1")
+        if generator is None:
+            generator = torch.Generator(self.schedule.device).manual_seed(seed)
+        model = self.ema_model if ema else self.model.eval()
+        parts = []
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            parts.append(sample(model, self.schedule, (count, *self.sample_shape), sampler=sampler, steps=steps,
+                                eta=eta, clip_denoised=clip, prediction=self.config.diffusion.prediction,
+                                generator=generator, callback=callback, progress=progress).cpu())
+        return torch.cat(parts)
+
+    def to(self, device: torch.device | str) -> "Run":
+        """Move the networks and the schedule to ``device`` (in place; returns self)."""
+        self.model.to(device)
+        self.ema_model.to(device)
+        self.schedule = self.schedule.to(device)
+        return self
+
+
+def load(path: str | Path, *, device: torch.device | str = "cpu") -> Run:
+    """Load a run directory (its latest checkpoint) or one checkpoint folder. Reads only JSON and
+    safetensors: nothing pickled is ever executed."""
+    from ddpm.training import build_schedule  # training imports heavy things only it needs
+
+    checkpoint = ckpt.find_run_files(path)
+    metadata = ckpt.read_json(checkpoint / "config.json", "the checkpoint's config.json")
+    try:
+        config = config_from_dict(metadata["config"], where=str(checkpoint / "config.json"))
+        architecture: dict[str, Any] = metadata["model"]
+        kind, sample_shape = metadata["data"]["kind"], tuple(metadata["data"]["sample_shape"])
+    except (KeyError, TypeError):
+        raise ckpt.CheckpointError(f"{checkpoint / 'config.json'} is not a ddpm run config") from None
+    try:
+        model = build_model_from_dict(architecture)
+        ema_model = build_model_from_dict(architecture)
+    except ValueError as error:
+        raise ckpt.CheckpointError(f"{checkpoint / 'config.json'}: cannot rebuild the model ({error})") from None
+    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
+    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
+    state = ckpt.read_json(checkpoint / "state.json", "training state")
+    run = Run(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
+              sample_shape, int(state.get("step", 0)), checkpoint)
+    return run.to(device)
