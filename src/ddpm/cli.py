@@ -1,0 +1,321 @@
+"""The ``ddpm`` command: parses, calls the library, reports every error in one line.
+
+    ddpm train [--preset NAME] [--data PATH] [--out RUN_DIR] [--steps N] ... [--resume] [--overwrite]
+    ddpm sample RUN_DIR|CHECKPOINT [--num N] [--sampler ddpm|ddim] [--steps S] [--out FILE|DIR/|FILE.npz]
+    ddpm presets | ddpm datasets
+
+Exit codes: 0 success, 1 training failed (non-finite loss) or an unexpected error, 2 bad input,
+130/143 stopped by SIGINT/SIGTERM after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """A command-line problem, reported in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# --- ddpm train -----------------------------------------------------------------------------------
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    from ddpm.config import DEFAULT_PRESET, TRAINING_PRESETS, flag_fields
+
+    parser = commands.add_parser(
+        "train", help="train a model (Algorithm 1) into a run directory",
+        description="Train a noise-prediction network. Values come from the preset, then --config, then flags.",
+        argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=list(TRAINING_PRESETS),
+                        help=f"training preset (default {DEFAULT_PRESET}); see `ddpm presets`")
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of [section] fields")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/PRESET, numbered if taken)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in flag_fields():
+        group = groups.setdefault(f.section, parser.add_argument_group(f"[{f.section}]"))
+        dest = f"{f.section}.{f.name}"
+        if f.annotation is bool:
+            group.add_argument(f.flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               help=f"{f.help} (default {f.default})")
+        else:
+            group.add_argument(f.flag, dest=dest, metavar=f.name.upper(), help=f"{f.help} (default {f.default})")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ddpm.config import DEFAULT_PRESET, build_config, flag_fields, read_config_file
+    from ddpm.training import train
+
+    given = vars(args)
+    file_layer = read_config_file(given["config"]) if "config" in given else {}
+    preset = given.get("preset", file_layer.get("preset", DEFAULT_PRESET))
+    flags: dict[str, dict[str, Any]] = {}
+    changed = set()
+    for f in flag_fields():
+        key = f"{f.section}.{f.name}"
+        if key in given:
+            value = given[key] if f.annotation is bool else f.parse(given[key])
+            flags.setdefault(f.section, {})[f.name] = value
+            changed.add(key)
+    changed |= {f"{section}.{name}" for section, values in file_layer.items() if isinstance(values, dict)
+                for name in values}
+    config = build_config(preset, {k: v for k, v in file_layer.items() if k != "preset"}, flags)
+    out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
+    result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
+                   changed=changed, progress=not given.get("quiet", False))
+    print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {result.loss:.4f}; "
+          f"checkpoint {result.checkpoint}; samples in {result.run_dir / 'samples'}")
+    return 0
+
+
+def _fresh_run_dir(base: Path) -> Path:
+    """runs/PRESET, or runs/PRESET-2, -3, ... when it is taken: a default never reuses a run."""
+    candidate, number = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
+# --- ddpm sample ----------------------------------------------------------------------------------
+
+def _add_sample(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "sample", help="draw samples from a trained run",
+        description="Sample from a run directory (its latest checkpoint) or a checkpoint folder, with EMA weights.")
+    parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    parser.add_argument("--num", type=_positive_int("--num"), default=16, help="how many samples (default 16)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's [sample] sampler")
+    parser.add_argument("--steps", type=_positive_int("--steps"), help="timesteps to visit (default: the run's)")
+    parser.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (default: the run's)")
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, help="clip predicted x0 to [-1, 1]")
+    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=256,
+                        help="samples drawn at once (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    parser.add_argument("--out", metavar="FILE|DIR/", default=None,
+                        help="x.png: a grid; DIR/: one PNG per image; x.npz: arr_0, uint8 (N, H, W, C) "
+                             "(float32 (N, D) for points). Default RUN_DIR/samples/sample-SEED.png")
+    parser.add_argument("--trajectory", metavar="FILE.png|FILE.gif",
+                        help="also save the denoising of the first images as a strip (.png) or animation (.gif)")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {flag} takes a whole number >= 1") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; {flag} must be at least 1")
+        return value
+    return parse
+
+
+_TRAJECTORY_IMAGES = 8  # rows of a trajectory picture
+_GIF_FRAMES = 60
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import ddpm
+    from ddpm.training import resolve_device
+    from ddpm.visualize import denoising_strip, save_animation, save_grid, save_images, scatter_png, to_uint8
+
+    run_path = Path(args.run)
+    out = _sample_output(args, run_path)
+    trajectory = Path(args.trajectory) if args.trajectory else None
+    if trajectory is not None:
+        if trajectory.suffix.lower() not in (".png", ".gif"):
+            raise UsageError(f"--trajectory {trajectory}: use a .png (strip) or .gif (animation) file")
+        _refuse_existing(trajectory, args.overwrite, "--trajectory")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UsageError(f"--eta {args.eta} is not allowed; it must be in [0, 1]")
+    run = ddpm.load(run_path, device=resolve_device(args.device))
+    if run.kind == "points" and _is_dir_target(args.out):
+        raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
+    sampler = args.sampler or run.config.sample.sampler
+    steps = args.steps if args.steps is not None else (
+        run.config.sample.sample_steps if sampler == run.config.sample.sampler else None)
+    if steps is not None and steps > run.schedule.num_steps:
+        raise UsageError(f"--steps {steps} is not allowed; this run has T = {run.schedule.num_steps}, "
+                         f"so use 1..{run.schedule.num_steps}")
+    frames: list[torch.Tensor] = []
+    batches_seen = 0
+
+    def record(step: ddpm.sampling.SamplerStep) -> None:
+        # Keep the first batch's first images only: x_T, then every x_{t_prev}.
+        nonlocal batches_seen
+        batches_seen += step.index == 0
+        if batches_seen == 1:
+            if step.index == 0:
+                frames.append(step.x_t[:_TRAJECTORY_IMAGES].cpu())
+            frames.append(step.x_prev[:_TRAJECTORY_IMAGES].cpu())
+
+    samples = run.sample(args.num, sampler=sampler, steps=steps, eta=args.eta, clip=args.clip, ema=not args.raw,
+                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+                         callback=record if trajectory is not None else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix == ".npz":
+        array = to_uint8(samples.clamp(-1, 1)).numpy() if run.kind == "image" else samples.float().numpy()
+        np.savez(out, arr_0=array)
+    elif _is_dir_target(args.out):
+        save_images(samples.clamp(-1, 1), out)
+    elif run.kind == "image":
+        save_grid(samples.clamp(-1, 1), out)
+    else:
+        scatter_png([samples[:, :2]], out, titles=[f"{len(samples)} samples"])
+    if trajectory is not None:
+        _save_trajectory(frames, trajectory, run.kind, denoising_strip, save_animation, scatter_png)
+    what = f"{len(samples)} samples ({sampler}, {steps or run.schedule.num_steps} steps, seed {args.seed})"
+    print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
+    return 0
+
+
+def _is_dir_target(text: str | None) -> bool:
+    return text is not None and (text.endswith(("/", os.sep)) or Path(text).is_dir())
+
+
+def _sample_output(args: argparse.Namespace, run_path: Path) -> Path:
+    if args.out is None:
+        base = run_path if (run_path / "config.json").is_file() and not (run_path / "model.safetensors").exists() \
+            else run_path.parent.parent
+        out = base / "samples" / f"sample-{args.seed}.png"
+    else:
+        out = Path(args.out)
+    if _is_dir_target(args.out):
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise UsageError(f"--out {out} is a folder that is not empty; add --overwrite or choose another")
+        return out
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".npz"):
+        raise UsageError(f"--out {out}: use a .png/.jpg/.webp grid, a folder ending in /, or a .npz file")
+    _refuse_existing(out, args.overwrite, "--out")
+    return out
+
+
+def _refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
+    if path.exists() and not overwrite:
+        raise UsageError(f"{flag} {path} already exists; add --overwrite to replace it")
+
+
+def _save_trajectory(frames, path: Path, kind: str, denoising_strip, save_animation, scatter_png) -> None:
+    if kind == "points":
+        chosen = [frames[round(i * (len(frames) - 1) / 5)] for i in range(6)]
+        scatter_png([f[:, :2] for f in chosen], path.with_suffix(".png"),
+                    titles=[f"step {round(i * (len(frames) - 1) / 5)}" for i in range(6)])
+        return
+    frames = [f.clamp(-1, 1) for f in frames]
+    if path.suffix.lower() == ".gif":
+        stride = max(1, len(frames) // _GIF_FRAMES)
+        chosen = frames[::stride] + ([frames[-1]] if (len(frames) - 1) % stride else [])
+        save_animation(chosen, path, duration_ms=60, nrow=min(len(frames[0]), 4))
+    else:
+        denoising_strip(frames, path, columns=11)
+
+
+# --- listings -------------------------------------------------------------------------------------
+
+def _presets(args: argparse.Namespace) -> int:
+    from ddpm.config import DEFAULT_PRESET, TRAINING_PRESETS
+    from ddpm.models import PRESETS
+
+    width = max(map(len, [*TRAINING_PRESETS, *PRESETS]))
+    for name, (description, _) in TRAINING_PRESETS.items():
+        default = " (default)" if name == DEFAULT_PRESET else ""
+        print(f"{name:<{width}}  train   {description}{default}")
+    for name, description in PRESETS.items():
+        print(f"{name:<{width}}  model   {description}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from ddpm.data import list_datasets
+
+    datasets = list_datasets()
+    width = max(map(len, datasets))
+    for name, description in datasets.items():
+        print(f"{name:<{width}}  {description}")
+    print(f"{'PATH':<{width}}  a folder of images (PNG/JPEG/WebP, recursive) or a .npy/.npz array")
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from ddpm import __version__
+
+    parser = _Parser(prog="ddpm", description="Denoising diffusion probabilistic models: train, sample, inspect.")
+    parser.add_argument("--version", action="version", version=f"ddpm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train(commands)
+    _add_sample(commands)
+    commands.add_parser("presets", help="list the training and model presets, one line each")
+    commands.add_parser("datasets", help="list the built-in datasets, one line each")
+    return parser
+
+
+_COMMANDS = {"train": _train, "sample": _sample, "presets": _presets, "datasets": _datasets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ddpm`` command; returns the exit code (errors are printed in one line)."""
+    from ddpm.checkpoint import CheckpointError
+    from ddpm.training import TrainingStopped
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return BAD_INPUT
+        return _COMMANDS[args.command](args)
+    except TrainingStopped as stop:
+        print(f"ddpm: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except (UsageError, CheckpointError, ValueError) as error:
+        print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        print("ddpm: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug: say so in one line, keep the traceback for those who ask
+        if os.environ.get("DDPM_DEBUG"):
+            raise
+        print(f"ddpm: internal error: {type(error).__name__}: {_one_line(error)} "
+              f"(set DDPM_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,591 @@
+"""The Algorithm-1 training loop: AdamW, warm-up, gradient clipping, EMA, precision, logging,
+periodic samples and exact, crash-safe resume.
+
+Everything random in a step comes from generators whose states are checkpointed: the data order
+(a permutation and a cursor), the timesteps and noise (one generator on the training device) and
+dropout (torch's global generator). A run resumed from a checkpoint therefore takes exactly the
+steps an uninterrupted run would have taken. Every step draws the whole global batch's examples,
+timesteps and noise, so the batch does not depend on how it is split into micro-batches.
+
+    result = train(build_config("square"), "runs/square")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ddpm import checkpoint as ckpt
+from ddpm.config import Config, config_from_dict, config_to_dict
+from ddpm.data import Dataset, load_dataset, random_hflip
+from ddpm.diffusion import training_loss
+from ddpm.models import build_model, model_config_dict, preset_config
+from ddpm.models.mlp import ResidualMLPConfig
+from ddpm.sampling import sample
+from ddpm.schedule import NoiseSchedule
+from ddpm.visualize import save_grid, scatter_png
+
+__all__ = [
+    "train", "TrainResult", "TrainingStopped", "Interrupted", "NonFiniteLoss", "RunDirError",
+    "resolve_device", "build_schedule", "build_model_for", "load_training_data", "DataOrder",
+    "RESUMABLE_FIELDS",
+]
+
+FORMAT_VERSION = 1
+
+# Fields a resumed run may change: they decide when to stop and what to write, not what is computed.
+RESUMABLE_FIELDS = {
+    "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.sample_every", "train.tensorboard", "train.wandb", "train.device", "train.compile",
+    "sample.sampler", "sample.sample_steps", "sample.eta", "sample.clip", "sample.num_samples",
+}
+
+
+class TrainingStopped(Exception):
+    """Training ended early; ``exit_code`` is what the command line exits with."""
+
+    exit_code = 1
+
+
+class Interrupted(TrainingStopped):
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at step {step}; checkpoint written to {checkpoint}; "
+                         f"continue with: ddpm train --resume --out {checkpoint.parent.parent}")
+        self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(TrainingStopped):
+    def __init__(self, step: int, value: float, last_good: Path | None):
+        kept = (f"the last good checkpoint {last_good} is intact" if last_good is not None
+                else "no checkpoint had been written yet")
+        super().__init__(f"training stopped: the loss became {value} at step {step}; {kept}; "
+                         f"try a lower --lr or --grad-clip")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    step: int  # optimiser steps done
+    checkpoint: Path  # the final checkpoint
+    loss: float  # mean training loss over the last logging window
+    seconds: float  # wall time of this invocation
+
+
+# --- building the pieces --------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device = {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device = {name!r} but CUDA is not available here; use cpu or auto")
+    return device
+
+
+def build_schedule(config: Config) -> NoiseSchedule:
+    d = config.diffusion
+    return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, ...], *,
+                    seed: int | None = None) -> nn.Module:
+    """The network of ``config.model`` sized for the data (channels, image size) and for T."""
+    preset = config.model.preset
+    base = preset_config(preset)
+    fields = set(vars(base))
+    takes_points = isinstance(base, ResidualMLPConfig)
+    if takes_points != (dataset_kind == "points"):
+        wanted = "points (B, D): use --model mlp-2d" if dataset_kind == "points" else "images: use a U-Net or mlp-toy"
+        raise ValueError(f"model {preset!r} takes {'points' if takes_points else 'images'}, "
+                         f"but the data {config.data.source!r} is {wanted}")
+    fill: dict[str, Any] = {}
+    if takes_points:
+        fill["data_dim"] = sample_shape[0]
+    else:
+        channels, height, width = sample_shape
+        if height != width:
+            raise ValueError(f"the images are {height}x{width}; the models take square images: "
+                             f"set --image-size to resize and centre-crop them")
+        fill["in_channels" if "in_channels" in fields else "channels"] = channels
+        fill["image_size"] = height
+    if "num_steps" in fields:
+        fill["num_steps"] = config.diffusion.num_steps
+    overrides = dict(config.model.overrides)
+    for key, value in fill.items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"model.overrides sets {key} = {overrides[key]!r}, but the data and schedule "
+                             f"need {key} = {value!r}")
+    if config.model.dropout is not None:
+        if "dropout" not in fields:
+            raise ValueError(f"model {preset!r} has no dropout; leave --dropout unset")
+        fill["dropout"] = config.model.dropout
+    return build_model(preset, seed=seed, **{**overrides, **fill})
+
+
+def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str]]:
+    """The training set, a held-out set (or None) and notes for the user.
+
+    Built-in sets, MNIST and CIFAR-10 hold out from their test split; a folder or array file holds
+    out a random tenth (at most ``data.heldout`` examples) of its own examples.
+    """
+    d = config.data
+    common = dict(image_size=d.image_size, channels=d.channels, seed=config.train.seed, data_dir=d.data_dir)
+    dataset = load_dataset(d.source, n=d.num_examples, **common)
+    notes = list(dataset.notes)
+    if len(dataset) == 0:
+        raise ValueError(f"the data {d.source!r} holds no examples")
+    if d.hflip and dataset.kind != "image":
+        raise ValueError("data.hflip flips images; the data is points")
+    if d.heldout == 0:
+        return dataset, None, notes
+    if dataset.name in ("square", "gradients", "moons", "swissroll", "8gaussians", "checkerboard", "mnist", "cifar10"):
+        heldout = load_dataset(d.source, n=d.heldout, split="test", **common).data
+        return dataset, heldout, notes
+    count = min(d.heldout, len(dataset) // 10)
+    if count == 0:
+        notes.append(f"{len(dataset)} examples are too few to hold any out; no held-out loss")
+        return dataset, None, notes
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.train.seed))
+    keep, out = order[count:].sort().values, order[:count].sort().values
+    labels = dataset.labels[keep] if dataset.labels is not None else None
+    train_set = Dataset(dataset.data[keep], dataset.kind, dataset.name, labels, dataset.notes, dataset.skipped)
+    return train_set, dataset.data[out], notes
+
+
+class DataOrder:
+    """Epochs of random permutations of N examples, read off in order: exactly resumable.
+
+    The state is the current permutation, the cursor into it and the generator that draws the next.
+    """
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(num_examples, generator=self.generator)
+        self.cursor = 0
+        self.epoch = 0
+
+    def next(self, count: int) -> Tensor:
+        """The next ``count`` example indices (crossing into new epochs as needed)."""
+        parts, needed = [], count
+        while needed:
+            if self.cursor == self.num_examples:
+                self.perm = torch.randperm(self.num_examples, generator=self.generator)
+                self.cursor, self.epoch = 0, self.epoch + 1
+            take = min(needed, self.num_examples - self.cursor)
+            parts.append(self.perm[self.cursor:self.cursor + take])
+            self.cursor += take
+            needed -= take
+        return torch.cat(parts)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, int]]:
+        return ({"data.perm": self.perm, "rng.data": self.generator.get_state()},
+                {"data_cursor": self.cursor, "data_epoch": self.epoch})
+
+    def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        if tensors["data.perm"].numel() != self.num_examples:
+            raise ckpt.CheckpointError(f"the checkpoint's data order covers {tensors['data.perm'].numel()} examples, "
+                                       f"the data now has {self.num_examples}; resume with the same data")
+        self.perm = tensors["data.perm"].clone()
+        self.generator.set_state(tensors["rng.data"])
+        self.cursor, self.epoch = int(state["data_cursor"]), int(state["data_epoch"])
+
+
+# --- the run directory ----------------------------------------------------------------------------
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Check the run directory may be used; returns True when an existing run is to be resumed."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is a file; give a directory")
+    occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        return occupied and (run_dir / "config.json").is_file()
+    if not occupied:
+        return False
+    if not overwrite:
+        raise RunDirError(f"{run_dir} is not empty; add --resume to continue that run, --overwrite to replace "
+                          f"it, or choose another --out")
+    if not (run_dir / "config.json").is_file():
+        raise RunDirError(f"--overwrite replaces only a ddpm run directory (one with config.json); {run_dir} "
+                          f"is not one, so nothing was deleted")
+    shutil.rmtree(run_dir)
+    return False
+
+
+def run_metadata(config: Config, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
+    """What config.json holds: the config and what was resolved from it (architecture, data shape)."""
+    return {"format_version": FORMAT_VERSION, "config": config_to_dict(config), "model": model_config_dict(model),
+            "data": {"kind": dataset.kind, "sample_shape": list(dataset.sample_shape), "name": dataset.name}}
+
+
+def check_resume_config(saved: Config, asked: Config, changed: set[str]) -> Config:
+    """The saved config with the allowed changes of ``asked`` applied; other changes are an error."""
+    saved_dict, asked_dict = config_to_dict(saved), config_to_dict(asked)
+    for name in sorted(changed):
+        section, key = name.split(".")
+        if saved_dict[section][key] != asked_dict[section][key] and name not in RESUMABLE_FIELDS:
+            raise RunDirError(f"cannot change {name} when resuming (the run has {saved_dict[section][key]!r}); "
+                              f"resumable changes: {', '.join(sorted(RESUMABLE_FIELDS))}")
+        saved_dict[section][key] = asked_dict[section][key]
+    return config_from_dict(saved_dict)
+
+
+# --- logging --------------------------------------------------------------------------------------
+
+class Metrics:
+    """metrics.jsonl, plus TensorBoard and wandb when asked for and installed."""
+
+    def __init__(self, run_dir: Path, config: Config, resume_step: int, notes: list[str]):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step and self.path.exists():
+            # Drop what a killed run logged after its last checkpoint: those steps are redone.
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _line_step(line) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tensorboard = None
+        self.wandb = None
+        if config.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            except ImportError:
+                notes.append("TensorBoard logging skipped: the tensorboard package is not installed "
+                             "(pip install tensorboard); metrics are in metrics.jsonl")
+        if config.train.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project="ddpm", name=run_dir.name, dir=str(run_dir),
+                                    config=config_to_dict(config), resume="allow")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --- one step -------------------------------------------------------------------------------------
+
+def learning_rate(config: Config, step: int) -> float:
+    """Linear warm-up from 0 to lr over ``warmup`` steps, then constant (as the paper)."""
+    warmup = config.train.warmup
+    return config.train.lr * min(1.0, (step + 1) / warmup) if warmup else config.train.lr
+
+
+def ema_decay(config: Config, updates: int) -> float:
+    decay = config.train.ema_decay
+    return min(decay, (1 + updates) / (10 + updates)) if config.train.ema_warmup else decay
+
+
+@torch.no_grad()
+def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator, schedule: NoiseSchedule,
+               batch_size: int, hflip: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The global batch: examples x0, timesteps t ~ U{0..T-1} (Algorithm 1, line 3) and noise eps."""
+    indices = order.next(batch_size).to(data.device)
+    x0 = data.index_select(0, indices)
+    if hflip:
+        x0 = random_hflip(x0, order.generator)
+    device = noise_generator.device
+    t = torch.randint(0, schedule.num_steps, (batch_size,), generator=noise_generator, device=device)
+    noise = torch.randn(x0.shape, generator=noise_generator, device=device)
+    return x0.to(device), t, noise
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          changed: set[str] | None = None, progress: bool = True,
+          log: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> TrainResult:
+    """Train ``config`` into ``run_dir`` (Algorithm 1); with ``resume`` continue its latest checkpoint.
+
+    changed: the config fields the user set explicitly; on resume only ``RESUMABLE_FIELDS`` may differ
+    from the saved run. Raises Interrupted on SIGINT/SIGTERM (after writing a checkpoint),
+    NonFiniteLoss on a nan/inf loss (writing nothing), ValueError for unusable settings.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    resuming = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    checkpoint = None
+    if resuming:
+        saved = ckpt.read_json(run_dir / "config.json", "the run's config.json")
+        config = check_resume_config(config_from_dict(saved["config"], where=str(run_dir / "config.json")),
+                                     config, changed or set())
+        checkpoint = ckpt.latest_checkpoint(run_dir)
+    elif resume:
+        log(f"nothing to resume in {run_dir}: starting a new run")
+
+    device = resolve_device(config.train.device)
+    dataset, heldout, notes = load_training_data(config)
+    for note in notes:
+        log(note)
+    schedule = build_schedule(config).to(device)
+    model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=config.train.seed).to(device)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    data = dataset.data.to(device)
+    order = DataOrder(len(dataset), config.train.seed)
+    noise_generator = torch.Generator(device).manual_seed(config.train.seed + 1)
+    torch.manual_seed(config.train.seed + 2)  # dropout
+    metadata = run_metadata(config, model, dataset)
+    step = 0
+    if checkpoint is not None:
+        step = _restore(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
+        log(f"resuming {run_dir} from {checkpoint.name}")
+    elif not resuming:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(run_dir / "config.json", metadata)
+    if step > config.train.steps:
+        raise RunDirError(f"the run is already at step {step}, past train.steps = {config.train.steps}; "
+                          f"give a larger --steps to train longer")
+
+    metrics = Metrics(run_dir, config, step, notes)
+    train_model = torch.compile(model) if config.train.compile else model
+    t_cfg = config.train
+    micro = t_cfg.batch_size // t_cfg.grad_accum
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
+    window = _Window(device)
+    last_checkpoint = checkpoint
+    bar = tqdm(total=t_cfg.steps, initial=step, desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+
+    def save() -> Path:
+        tensors, state = _training_state(optimizer, order, noise_generator)
+        return ckpt.save_checkpoint(run_dir, step, model=model, ema_model=ema_model, tensors=tensors,
+                                    state={**state, "step": step}, config=metadata, keep=t_cfg.keep_checkpoints)
+
+    try:
+        with _StopSignals() as stop:
+            model.train()
+            while step < t_cfg.steps:
+                x0, t, noise = draw_batch(data, order, noise_generator, schedule, t_cfg.batch_size, config.data.hflip)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = learning_rate(config, step)
+                per_example = []
+                for i in range(t_cfg.grad_accum):
+                    part = slice(i * micro, (i + 1) * micro)
+                    with autocast:
+                        losses = training_loss(train_model, schedule, x0[part], t=t[part], noise=noise[part],
+                                               prediction=config.diffusion.prediction,
+                                               weighting=None if config.diffusion.weighting == "none"
+                                               else config.diffusion.weighting, reduction="none")
+                    (losses.sum() / t_cfg.batch_size).backward()
+                    per_example.append(losses.detach())
+                losses = torch.cat(per_example)
+                loss = losses.mean().item()
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(step + 1, loss, last_checkpoint)
+                grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+                             if t_cfg.grad_clip is not None else None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_ema(ema_model, model, ema_decay(config, step))
+                step += 1
+                window.add(losses, t, schedule.num_steps, grad_norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                    values = window.flush(t_cfg.batch_size)
+                    values["lr"] = optimizer.param_groups[0]["lr"]
+                    if t_cfg.eval_every and heldout is not None and (step % t_cfg.eval_every == 0 or step == t_cfg.steps):
+                        values.update(heldout_losses(model, ema_model, schedule, heldout, config))
+                        model.train()
+                    metrics.log(step, values)
+                if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
+                    last_checkpoint = save()
+                if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps:
+                    save_samples(ema_model, schedule, config, dataset, run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
+                if stop.received is not None:
+                    if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
+                        last_checkpoint = save()
+                    raise Interrupted(stop.received, step, last_checkpoint)
+            if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
+                last_checkpoint = save()  # e.g. resuming a run that was already complete
+    finally:
+        bar.close()
+        metrics.close()
+    return TrainResult(run_dir, step, last_checkpoint, window.last_loss, time.perf_counter() - started)
+
+
+class _Window:
+    """Sums over a logging window, kept on the device so a step needs no host sync for them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last_loss = float("nan")
+        self._reset()
+        self._clock = time.perf_counter()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.quarter_sum = torch.zeros(4, device=self.device)
+        self.quarter_count = torch.zeros(4, device=self.device)
+        self.grad_norm_sum = torch.zeros((), device=self.device)
+        self.steps = 0
+
+    def add(self, losses: Tensor, t: Tensor, num_steps: int, grad_norm: Tensor | None) -> None:
+        losses = losses.float()
+        self.loss_sum += losses.mean()
+        quarter = (t * 4 // num_steps).clamp(max=3)
+        self.quarter_sum.index_add_(0, quarter, losses)
+        self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
+        if grad_norm is not None:
+            self.grad_norm_sum += grad_norm.float()
+        self.steps += 1
+
+    def flush(self, batch_size: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self._clock
+        loss = (self.loss_sum / self.steps).item()
+        quarters = (self.quarter_sum / self.quarter_count.clamp(min=1)).tolist()
+        values = {"loss": loss, **{f"loss_q{i}": q for i, q in enumerate(quarters) if self.quarter_count[i] > 0},
+                  "grad_norm": (self.grad_norm_sum / self.steps).item(),
+                  "examples_per_s": self.steps * batch_size / max(elapsed, 1e-9)}
+        self.last_loss = loss
+        self._reset()
+        self._clock = time.perf_counter()
+        return values
+
+
+@torch.no_grad()
+def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedule, heldout: Tensor,
+                   config: Config) -> dict[str, float]:
+    """The loss on held-out data with fixed timesteps and noise (the same at every evaluation)."""
+    generator = torch.Generator().manual_seed(config.train.seed + 3)
+    x0 = heldout.to(schedule.device)
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator).to(schedule.device)
+    noise = torch.randn(x0.shape, generator=generator).to(schedule.device)
+    model.eval()
+    out = {}
+    for name, net in (("heldout_loss", model), ("heldout_loss_ema", ema_model)):
+        total = 0.0
+        for start in range(0, x0.shape[0], 1024):
+            part = slice(start, start + 1024)
+            losses = training_loss(net, schedule, x0[part], t=t[part], noise=noise[part],
+                                   prediction=config.diffusion.prediction, reduction="none")
+            total += losses.sum().item()
+        out[name] = total / x0.shape[0]
+    return out
+
+
+def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, dataset: Dataset,
+                 path: Path) -> None:
+    """A grid of EMA samples (images) or a scatter of samples beside data (points), from fixed noise."""
+    s = config.sample
+    generator = torch.Generator(schedule.device).manual_seed(config.train.seed + 4)
+    shape = (s.num_samples, *dataset.sample_shape)
+    x = sample(ema_model, schedule, shape, sampler=s.sampler, steps=s.sample_steps, eta=s.eta,
+               clip_denoised=s.clip and dataset.kind == "image", prediction=config.diffusion.prediction,
+               generator=generator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if dataset.kind == "image":
+        save_grid(x.clamp(-1, 1).cpu(), path)
+    elif dataset.sample_shape == (2,):
+        scatter_png([dataset.data[: s.num_samples].cpu(), x.cpu()], path, titles=["data", path.stem.replace("_", " ")])
+
+
+def _training_state(optimizer: torch.optim.Optimizer, order: DataOrder,
+                    noise_generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors, optimizer_meta = ckpt.optimizer_state_to_tensors(optimizer)
+    data_tensors, data_state = order.state()
+    tensors.update(data_tensors)
+    tensors["rng.noise"] = noise_generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors, {"format_version": FORMAT_VERSION, "optimizer": optimizer_meta, **data_state}
+
+
+def _restore(checkpoint: Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+             order: DataOrder, noise_generator: torch.Generator, device: torch.device) -> int:
+    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
+    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
+    tensors = ckpt.load_tensors(checkpoint / "state.safetensors", "training state")
+    state = ckpt.read_json(checkpoint / "state.json", "training state")
+    required = ("data.perm", "rng.data", "rng.noise", "rng.torch")
+    missing = [k for k in required if k not in tensors] + [k for k in ("step", "optimizer", "data_cursor")
+                                                             if k not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"{checkpoint} is not a ddpm training checkpoint ({missing[0]} missing)")
+    try:
+        # The optimiser moves its moments to the parameters' device itself.
+        optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(tensors, state["optimizer"]))
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ckpt.CheckpointError(f"{checkpoint}: the optimiser state does not fit the model ({error})") from None
+    order.load_state(tensors, state)
+    noise_generator.set_state(tensors["rng.noise"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(state["step"])
