@@ -1,0 +1,238 @@
+"""The main job end to end: `ddpm train` and `ddpm sample` through the real command line, exact resume
+after SIGKILL, clean stops on SIGINT/SIGTERM and non-finite losses, `ddpm.load`, and the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+from ddpm.config import TRAINING_PRESETS, build_config, config_from_dict, config_to_dict, flag_fields
+from ddpm.training import DataOrder, learning_rate
+
+# A few-second image run: the default preset's small U-Net on the 8x8 square, T = 50.
+TINY = ["--num-steps", "50", "--batch-size", "16", "--sample-steps", "5", "--num-samples", "4",
+        "--sample-every", "0", "--eval-every", "0", "--log-every", "5", "--no-tensorboard", "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def ddpm_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "ddpm", *args], cwd=cwd, env=ENV, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ddpm {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def weights_bytes(run: Path) -> dict[str, bytes]:
+    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    return {name: (checkpoint / name).read_bytes()
+            for name in ("model.safetensors", "ema.safetensors", "state.safetensors")}
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def test_every_config_field_has_one_flag_and_flags_set_fields():
+    flags = [f.flag for f in flag_fields()]
+    assert len(flags) == len(set(flags)), "two fields share a flag"
+    for required in ("--data", "--steps", "--batch-size", "--lr", "--image-size", "--channels",
+                     "--checkpoint-every", "--sample-every", "--seed"):
+        assert required in flags
+    by_flag = {f.flag: f for f in flag_fields()}
+    assert by_flag["--batch-size"].parse("64") == 64
+    assert by_flag["--lr"].parse("3e-4") == pytest.approx(3e-4)
+    assert by_flag["--grad-clip"].parse("none") is None
+    assert by_flag["--model-overrides"].parse('{"ch": 64}') == {"ch": 64}
+    with pytest.raises(ValueError, match="--batch-size"):
+        by_flag["--batch-size"].parse("sixty")
+    with pytest.raises(ValueError, match="--schedule"):
+        by_flag["--schedule"].parse("quadratic")
+
+
+def test_config_round_trips_through_json_and_rejects_unknown_keys():
+    for preset in TRAINING_PRESETS:
+        config = build_config(preset)
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+    with pytest.raises(ValueError, match="train.stepz"):
+        build_config("square", {"train": {"stepz": 3}})
+    with pytest.raises(ValueError, match="train.steps = 0"):
+        build_config("square", {"train": {"steps": 0}})
+    with pytest.raises(ValueError, match="batch_size"):
+        build_config("square", {"train": {"batch_size": -4}})
+
+
+def test_paper_cifar10_recipe():
+    config = build_config("cifar10")
+    assert (config.model.preset, config.train.lr, config.train.warmup, config.train.batch_size,
+            config.train.ema_decay, config.data.hflip, config.train.steps) == (
+        "unet-cifar10", 2e-4, 5000, 128, 0.9999, True, 800_000)
+    square = build_config("square")
+    assert (square.diffusion.num_steps, square.train.batch_size, square.train.lr, square.data.channels,
+            square.model.preset) == (1000, 128, 1e-4, 1, "unet-small")
+
+
+def test_warmup_is_linear_then_constant():
+    config = build_config("square", {"train": {"lr": 1e-3, "warmup": 10}})
+    assert [learning_rate(config, s) for s in (0, 4, 9, 10, 500)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_data_order_visits_every_example_once_per_epoch_and_resumes_exactly():
+    order = DataOrder(10, seed=3)
+    first_epoch = torch.cat([order.next(4), order.next(4), order.next(2)])
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    tensors, state = order.state()
+    expected = torch.cat([order.next(7) for _ in range(3)])
+    resumed = DataOrder(10, seed=99)
+    resumed.load_state(tensors, state)
+    assert torch.equal(torch.cat([resumed.next(7) for _ in range(3)]), expected)
+
+
+# --- training through the CLI ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("tiny")
+    ddpm_cli("train", "--out", "run", "--steps", "12", "--checkpoint-every", "4", "--keep-checkpoints", "2",
+             "--num-steps", "50", "--batch-size", "16", "--sample-steps", "5", "--num-samples", "4",
+             "--sample-every", "6", "--eval-every", "6", "--log-every", "5", "--no-tensorboard", "--quiet", cwd=cwd)
+    return cwd / "run"
+
+
+def test_run_directory_layout(tiny_run):
+    checkpoints = tiny_run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000008", "step_0000012"]
+    assert (checkpoints / "latest").read_text().strip() == "step_0000012"
+    for name in ("model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "config.json"):
+        assert (checkpoints / "step_0000012" / name).is_file()
+    assert sorted(p.name for p in (tiny_run / "samples").iterdir()) == ["step_0000006.png", "step_0000012.png"]
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 12]
+    assert {"loss", "loss_q0", "lr", "grad_norm", "examples_per_s"} <= set(records[0])
+    assert "heldout_loss" in records[-1] and "heldout_loss_ema" in records[-1]
+    saved = json.loads((tiny_run / "config.json").read_text())
+    assert saved["config"]["train"]["steps"] == 12 and saved["data"]["sample_shape"] == [1, 8, 8]
+    assert saved["model"]["preset"] == "unet-small" and saved["model"]["num_steps"] == 50
+
+
+def test_load_gives_the_trained_weights_and_samples(tiny_run):
+    run = ddpm.load(tiny_run)
+    assert run.step == 12 and run.schedule.num_steps == 50 and run.sample_shape == (1, 8, 8)
+    x = run.sample(3, sampler="ddim", steps=5)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    assert torch.equal(x, run.sample(3, sampler="ddim", steps=5)), "same seed, same samples"
+    assert torch.equal(run.sample(5, sampler="ddim", steps=5, batch_size=2)[:2],
+                       run.sample(2, sampler="ddim", steps=5)), "deterministic DDIM: batching changes nothing"
+    from safetensors.torch import load_file
+    saved = load_file(tiny_run / "checkpoints" / "step_0000012" / "ema.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in run.ema_model.state_dict().items())
+    # a checkpoint folder loads too
+    older = ddpm.load(tiny_run / "checkpoints" / "step_0000008")
+    assert older.step == 8
+
+
+def test_sample_command_writes_grid_folder_npz_and_trajectories(tiny_run, tmp_path):
+    ddpm_cli("sample", str(tiny_run), "--num", "6", "--sampler", "ddim", "--steps", "10", "--out", "grid.png",
+             "--trajectory", "strip.png", "--quiet", cwd=tmp_path)
+    assert Image.open(tmp_path / "grid.png").size[0] >= 256
+    width, height = Image.open(tmp_path / "strip.png").size  # 6 rows (images), 11 columns (x_T .. x_0)
+    assert width > 1.5 * height
+    ddpm_cli("sample", str(tiny_run), "--num", "5", "--steps", "5", "--out", "each/", "--quiet", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    ddpm_cli("sample", str(tiny_run), "--num", "7", "--batch-size", "3", "--sampler", "ddim", "--steps", "5",
+             "--out", "x.npz", "--trajectory", "anim.gif", "--quiet", cwd=tmp_path)
+    arr = np.load(tmp_path / "x.npz")["arr_0"]
+    assert arr.shape == (7, 8, 8, 1) and arr.dtype == np.uint8
+    gif = Image.open(tmp_path / "anim.gif")
+    assert gif.is_animated and gif.n_frames > 2
+    # The npz holds exactly what ddpm.load samples, quantised as the evaluation suites expect.
+    expected = ddpm.load(tiny_run).sample(7, sampler="ddim", steps=5, batch_size=3, clip=True)
+    assert np.array_equal(arr, ddpm.visualize.to_uint8(expected.clamp(-1, 1)).numpy())
+
+
+def test_point_runs_write_float_npz_and_scatter(tmp_path):
+    ddpm_cli("train", "--preset", "toy2d", "--out", "pts", "--steps", "5", "--checkpoint-every", "5",
+             "--model-overrides", '{"hidden_dim": 32, "num_blocks": 1}', "--num-examples", "500", "--heldout", "50",
+             *TINY, cwd=tmp_path)
+    ddpm_cli("sample", "pts", "--num", "9", "--sampler", "ddim", "--steps", "5", "--out", "p.npz", "--quiet",
+             cwd=tmp_path)
+    arr = np.load(tmp_path / "p.npz")["arr_0"]
+    assert arr.shape == (9, 2) and arr.dtype == np.float32
+    ddpm_cli("sample", "pts", "--num", "50", "--steps", "5", "--out", "p.png", "--trajectory", "t.png", "--quiet",
+             cwd=tmp_path)
+    assert Image.open(tmp_path / "p.png").size[0] > 100 and (tmp_path / "t.png").is_file()
+
+
+def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    args = ["--steps", "40", "--checkpoint-every", "3", "--eval-every", "0", "--num-steps", "50",
+            "--batch-size", "16", "--sample-steps", "5", "--num-samples", "2", "--sample-every", "0",
+            "--no-tensorboard", "--quiet", "--model-overrides", '{"channels": [8, 16, 32]}']
+    ddpm_cli("train", "--out", "straight", *args, cwd=tmp_path)
+
+    process = subprocess.Popen([sys.executable, "-m", "ddpm", "train", "--out", "killed", *args], cwd=tmp_path,
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 60
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random().uniform(0.0, 0.3))  # an arbitrary moment: mid-step, mid-checkpoint...
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    killed_at = (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()
+    assert killed_at != "step_0000040"
+
+    ddpm_cli("train", "--resume", "--out", "killed", *args, cwd=tmp_path)
+    assert weights_bytes(tmp_path / "killed") == weights_bytes(tmp_path / "straight")
+    # The metrics of the redone steps are not doubled.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_write_a_checkpoint_and_exit_with_one_line(tmp_path, signum, code):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ddpm", "train", "--out", "run", "--steps", "100000", "--checkpoint-every", "100000",
+         *TINY], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "Traceback" not in stderr
+    run = ddpm.load(tmp_path / "run")
+    assert run.step >= 5 and f"step_{run.step:07d}" in lines[0]
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = ddpm_cli("train", "--out", "run", "--steps", "50", "--checkpoint-every", "1", "--lr", "1e30",
+                      "--grad-clip", "none", *TINY, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and ("nan" in message or "inf" in message)
+    bad_step = int(message.split(" at step ")[1].split(";")[0])
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{bad_step - 1:07d}" and latest in message
+    run = ddpm.load(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_resume_of_a_finished_run_extends_it_to_more_steps(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ddpm_cli("train", "--resume", "--out", str(run), "--steps", "14", "--quiet", cwd=tmp_path)
+    assert ddpm.load(run).step == 14
