@@ -65,6 +65,10 @@ def _train(args: argparse.Namespace) -> int:
     from ddpm.training import train
 
     given = vars(args)
+    if given.get("resume") and "out" not in given:
+        raise UsageError("--resume needs --out RUN_DIR: the run to continue")
+    if given.get("resume") and given.get("overwrite"):
+        raise UsageError("--resume and --overwrite contradict each other; give one")
     file_layer = read_config_file(given["config"]) if "config" in given else {}
     preset = given.get("preset", file_layer.get("preset", DEFAULT_PRESET))
     flags: dict[str, dict[str, Any]] = {}

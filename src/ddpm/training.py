@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, config_from_dict, config_to_dict
 from ddpm.data import Dataset, load_dataset, random_hflip
-from ddpm.diffusion import training_loss
+from ddpm.diffusion import sample_timesteps, training_loss
 from ddpm.models import build_model, model_config_dict, preset_config
 from ddpm.models.mlp import ResidualMLPConfig
 from ddpm.sampling import sample
@@ -358,7 +358,7 @@ def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator,
     if hflip:
         x0 = random_hflip(x0, order.generator)
     device = noise_generator.device
-    t = torch.randint(0, schedule.num_steps, (batch_size,), generator=noise_generator, device=device)
+    t = sample_timesteps(schedule, batch_size, device=device, generator=noise_generator)
     noise = torch.randn(x0.shape, generator=noise_generator, device=device)
     return x0.to(device), t, noise
 
@@ -378,18 +378,18 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
     run_dir = Path(run_dir)
     resuming = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     checkpoint = None
+    notes: list[str] = []  # shown once everything is set up, so a failing setup prints one line only
     if resuming:
         saved = ckpt.read_json(run_dir / "config.json", "the run's config.json")
         config = check_resume_config(config_from_dict(saved["config"], where=str(run_dir / "config.json")),
                                      config, changed or set())
         checkpoint = ckpt.latest_checkpoint(run_dir)
     elif resume:
-        log(f"nothing to resume in {run_dir}: starting a new run")
+        notes.append(f"nothing to resume in {run_dir}: starting a new run")
 
     device = resolve_device(config.train.device)
-    dataset, heldout, notes = load_training_data(config)
-    for note in notes:
-        log(note)
+    dataset, heldout, data_notes = load_training_data(config)
+    notes += data_notes
     schedule = build_schedule(config).to(device)
     model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=config.train.seed).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -402,7 +402,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
     step = 0
     if checkpoint is not None:
         step = _restore(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
-        log(f"resuming {run_dir} from {checkpoint.name}")
+        notes.append(f"resuming {run_dir} from {checkpoint.name}")
     elif not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(run_dir / "config.json", metadata)
@@ -411,6 +411,8 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
                           f"give a larger --steps to train longer")
 
     metrics = Metrics(run_dir, config, step, notes)
+    for note in notes:
+        log(note)
     train_model = torch.compile(model) if config.train.compile else model
     t_cfg = config.train
     micro = t_cfg.batch_size // t_cfg.grad_accum
@@ -524,7 +526,7 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
     """The loss on held-out data with fixed timesteps and noise (the same at every evaluation)."""
     generator = torch.Generator().manual_seed(config.train.seed + 3)
     x0 = heldout.to(schedule.device)
-    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator).to(schedule.device)
+    t = sample_timesteps(schedule, x0.shape[0], device="cpu", generator=generator).to(schedule.device)
     noise = torch.randn(x0.shape, generator=generator).to(schedule.device)
     model.eval()
     out = {}
