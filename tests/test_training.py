@@ -236,3 +236,14 @@ def test_resume_of_a_finished_run_extends_it_to_more_steps(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     ddpm_cli("train", "--resume", "--out", str(run), "--steps", "14", "--quiet", cwd=tmp_path)
     assert ddpm.load(run).step == 14
+
+
+def test_the_training_loop_draws_every_timestep_including_0():
+    # Mistake 4 of the tutorials, checked where the loop draws its batch, not only in the helper.
+    from ddpm.training import draw_batch
+    schedule = ddpm.NoiseSchedule("linear", 4)
+    data = torch.zeros(10, 2)
+    t = draw_batch(data, DataOrder(10, 0), torch.Generator().manual_seed(0), schedule, 4000, hflip=False)[1]
+    counts = torch.bincount(t, minlength=4)
+    assert counts.sum() == 4000 and t.min() == 0 and t.max() == 3
+    assert ((counts - 1000).abs() < 120).all(), counts  # about 4 standard deviations of a binomial

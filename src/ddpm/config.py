@@ -149,16 +149,18 @@ TRAINING_PRESETS: dict[str, _Preset] = {
          "train": {"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup": 100, "sample_every": 1000,
                    "eval_every": 500, "checkpoint_every": 1000}}),
     "gradients": (
-        "the toy tutorial: 3x5x5 colour gradients, T=100, Linear-ReLU-Linear (d 128), batch 128, lr 1e-3",
+        "the toy tutorial: 3x5x5 colour gradients, T=100 (betas scaled by 1000/T), Linear-ReLU-Linear (d 128), lr 1e-3",
+        # The tutorial keeps betas 1e-4..0.02 with few steps, which leaves alpha_bar_T = 0.36: x_T is far
+        # from the N(0, I) that sampling starts from. Scaling both ends by 1000/T gives alpha_bar_T ~ 4e-5.
         {"model": {"preset": "mlp-toy", "overrides": {"hidden_dim": 128}},
-         "diffusion": {"num_steps": 100},
+         "diffusion": {"num_steps": 100, "beta_start": 1e-3, "beta_end": 0.2},
          "data": {"source": "gradients", "image_size": 5, "num_examples": 50_000, "heldout": 1000},
          "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.99, "sample_every": 1000}}),
     "toy2d": (
         "2-D points (8 Gaussians by default; --data moons|swissroll|checkerboard), residual MLP, T=1000",
         {"model": {"preset": "mlp-2d"},
          "data": {"source": "8gaussians", "num_examples": 100_000, "heldout": 2000},
-         "train": {"steps": 4000, "batch_size": 512, "lr": 1e-3, "ema_decay": 0.995, "sample_every": 1000},
+         "train": {"steps": 4000, "batch_size": 512, "lr": 1e-3, "ema_decay": 0.995, "sample_every": 2000},
          "sample": {"num_samples": 2000, "clip": False}}),
     "mnist": (
         "MNIST digits 1x28x28, the small paper-style U-Net (1.1M), batch 128, lr 2e-4",
