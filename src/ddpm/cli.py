@@ -137,7 +137,7 @@ def _positive_int(flag: str):
     return parse
 
 
-_TRAJECTORY_IMAGES = 8  # rows of a trajectory picture
+_TRAJECTORY_IMAGES = 8  # rows of a trajectory picture (images); point clouds keep every point
 _GIF_FRAMES = 60
 
 
@@ -168,6 +168,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps {steps} is not allowed; this run has T = {run.schedule.num_steps}, "
                          f"so use 1..{run.schedule.num_steps}")
     frames: list[torch.Tensor] = []
+    labels: list[str] = []  # the noise level of each frame, for point-cloud panels
+    keep = _TRAJECTORY_IMAGES if run.kind == "image" else None
     batches_seen = 0
 
     def record(step: ddpm.sampling.SamplerStep) -> None:
@@ -176,8 +178,10 @@ def _sample(args: argparse.Namespace) -> int:
         batches_seen += step.index == 0
         if batches_seen == 1:
             if step.index == 0:
-                frames.append(step.x_t[:_TRAJECTORY_IMAGES].cpu())
-            frames.append(step.x_prev[:_TRAJECTORY_IMAGES].cpu())
+                frames.append(step.x_t[:keep].cpu())
+                labels.append(f"x_T (t = {step.t})")
+            frames.append(step.x_prev[:keep].cpu())
+            labels.append(f"after t = {step.t}")
 
     samples = run.sample(args.num, sampler=sampler, steps=steps, eta=args.eta, clip=args.clip, ema=not args.raw,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
@@ -194,7 +198,7 @@ def _sample(args: argparse.Namespace) -> int:
     else:
         scatter_png([samples[:, :2]], out, titles=[f"{len(samples)} samples"])
     if trajectory is not None:
-        _save_trajectory(frames, trajectory, run.kind, denoising_strip, save_animation, scatter_png)
+        _save_trajectory(frames, labels, trajectory, run.kind, denoising_strip, save_animation, scatter_png)
     what = f"{len(samples)} samples ({sampler}, {steps or run.schedule.num_steps} steps, seed {args.seed})"
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0
@@ -226,11 +230,11 @@ def _refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
         raise UsageError(f"{flag} {path} already exists; add --overwrite to replace it")
 
 
-def _save_trajectory(frames, path: Path, kind: str, denoising_strip, save_animation, scatter_png) -> None:
-    if kind == "points":
-        chosen = [frames[round(i * (len(frames) - 1) / 5)] for i in range(6)]
-        scatter_png([f[:, :2] for f in chosen], path.with_suffix(".png"),
-                    titles=[f"step {round(i * (len(frames) - 1) / 5)}" for i in range(6)])
+def _save_trajectory(frames, labels, path: Path, kind: str, denoising_strip, save_animation, scatter_png) -> None:
+    if kind == "points":  # six panels from x_T to x_0, as a .png whatever the suffix
+        chosen = sorted({round(i * (len(frames) - 1) / 5) for i in range(6)})
+        scatter_png([frames[i][:, :2] for i in chosen], path.with_suffix(".png"),
+                    titles=[labels[i] for i in chosen[:-1]] + ["x_0"])
         return
     frames = [f.clamp(-1, 1) for f in frames]
     if path.suffix.lower() == ".gif":
