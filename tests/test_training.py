@@ -247,3 +247,42 @@ def test_the_training_loop_draws_every_timestep_including_0():
     counts = torch.bincount(t, minlength=4)
     assert counts.sum() == 4000 and t.min() == 0 and t.max() == 3
     assert ((counts - 1000).abs() < 120).all(), counts  # about 4 standard deviations of a binomial
+
+
+def _tiny_points_config(**train):
+    return build_config("toy2d", {
+        "model": {"overrides": {"hidden_dim": 32, "num_blocks": 1}},
+        "data": {"num_examples": 256, "heldout": 0},
+        "diffusion": {"num_steps": 50},
+        "train": {"steps": 6, "batch_size": 32, "checkpoint_every": 6, "sample_every": 0, "eval_every": 0,
+                  "log_every": 3, "tensorboard": False, **train},
+        "sample": {"sample_steps": 5, "num_samples": 8}})
+
+
+def test_gradient_accumulation_gives_the_same_weights(tmp_path, monkeypatch):
+    from ddpm import training
+    sizes = []
+    original = training.training_loss
+    monkeypatch.setattr(training, "training_loss",
+                        lambda model, schedule, x0, **kw: sizes.append(len(x0)) or original(model, schedule, x0, **kw))
+    whole = training.train(_tiny_points_config(), tmp_path / "a", progress=False, log=lambda m: None)
+    assert sizes == [32] * 6
+    sizes.clear()
+    split = training.train(_tiny_points_config(grad_accum=4), tmp_path / "b", progress=False, log=lambda m: None)
+    assert sizes == [8] * 24
+    a, b = ddpm.load(whole.run_dir), ddpm.load(split.run_dir)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert split.step == whole.step == 6
+
+
+def test_config_file_sets_fields_and_flags_win(tmp_path):
+    (tmp_path / "run.toml").write_text('preset = "toy2d"\n[train]\nsteps = 4\nbatch_size = 16\n'
+                                       '[model.overrides]\nhidden_dim = 16\nnum_blocks = 1\n'
+                                       '[data]\nnum_examples = 100\nheldout = 0\n')
+    ddpm_cli("train", "--config", "run.toml", "--out", "run", "--batch-size", "8", "--checkpoint-every", "4",
+             "--num-steps", "20", "--sample-steps", "2", "--num-samples", "4", "--sample-every", "0",
+             "--eval-every", "0", "--no-tensorboard", "--quiet", cwd=tmp_path)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["preset"] == "toy2d" and saved["config"]["train"]["steps"] == 4
+    assert saved["config"]["train"]["batch_size"] == 8 and saved["model"]["hidden_dim"] == 16

@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ddpm.models import unwrap_model as _unwrap
+
 __all__ = [
     "CheckpointError", "CHECKPOINT_FILES", "checkpoint_name", "write_json", "read_json", "save_checkpoint",
     "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors", "optimizer_state_to_tensors",
@@ -171,17 +173,6 @@ def save_checkpoint(
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     model = _unwrap(model)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module) and isinstance(
-                model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ddpm.models.unet import SmallUNet, SmallUNetConfig, UNet, UNetConfig
 
 __all__ = [
     "PRESETS", "build_model", "build_model_from_dict", "model_config_dict", "preset_config", "model_from_config",
+    "unwrap_model",
     "ToyMLP", "ToyMLPConfig", "ResidualMLP", "ResidualMLPConfig", "SmallUNet", "SmallUNetConfig",
     "UNet", "UNetConfig", "SinusoidalEmbedding", "sinusoidal_embedding",
 ]
@@ -141,7 +142,7 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
     changes to a preset's defaults do not change a saved model. Accepts a model wrapped by
     torch.compile or DistributedDataParallel.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not dataclasses.is_dataclass(getattr(model, "config", None)) or type(model.config) not in _ARCHITECTURES:
         raise ValueError(f"{type(model).__name__} is not a ddpm.models network (no model config on it)")
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
@@ -157,7 +158,8 @@ def build_model_from_dict(config: Mapping[str, Any], *, seed: int | None = None,
     return build_model(config["preset"], seed=seed, device=device, **fields)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside a torch.compile or DistributedDataParallel wrapper (or the model itself)."""
     # torch.compile keeps the original as _orig_mod; DistributedDataParallel as module.
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
