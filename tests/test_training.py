@@ -4,6 +4,7 @@ after SIGKILL, clean stops on SIGINT/SIGTERM and non-finite losses, `ddpm.load`,
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -286,3 +287,14 @@ def test_config_file_sets_fields_and_flags_win(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["config"]["preset"] == "toy2d" and saved["config"]["train"]["steps"] == 4
     assert saved["config"]["train"]["batch_size"] == 8 and saved["model"]["hidden_dim"] == 16
+
+
+def test_bf16_autocast_trains_and_tracks_fp32(tmp_path):
+    from ddpm import training
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = _tiny_points_config(precision=precision, steps=30, log_every=30, lr=3e-3)
+        losses[precision] = training.train(config, tmp_path / precision, progress=False, log=lambda m: None).loss
+    assert all(math.isfinite(v) for v in losses.values())
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.1 * losses["fp32"], losses
+    assert losses["bf16"] != losses["fp32"], "bf16 autocast changed nothing: was it on?"
