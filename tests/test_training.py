@@ -298,3 +298,12 @@ def test_bf16_autocast_trains_and_tracks_fp32(tmp_path):
     assert all(math.isfinite(v) for v in losses.values())
     assert abs(losses["bf16"] - losses["fp32"]) < 0.1 * losses["fp32"], losses
     assert losses["bf16"] != losses["fp32"], "bf16 autocast changed nothing: was it on?"
+
+
+def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    result = ddpm_cli("train", "--resume", "--out", "mine", *TINY, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "not a ddpm run directory" in result.stderr
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"

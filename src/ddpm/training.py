@@ -222,7 +222,9 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
         raise RunDirError(f"--out {run_dir} is a file; give a directory")
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
-        return occupied and (run_dir / "config.json").is_file()
+        if occupied and not (run_dir / "config.json").is_file():
+            raise RunDirError(f"--resume: {run_dir} is not a ddpm run directory (no config.json); nothing to resume")
+        return occupied
     if not occupied:
         return False
     if not overwrite:
