@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from ddpm.config import build_config
 from ddpm.training import build_model_for
 
-SHARED_MNIST = Path("/work/shared/data/mnist")
-needs_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="needs the MNIST files of /work/shared/data")
+# The real MNIST files in ../shared beside the checkout (CI provides them; a missing folder fails loudly).
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 # A run of a few seconds: the square preset's small U-Net, T = 20, three checkpoints.
 TINY = ["--steps", "3", "--num-steps", "20", "--sample-steps", "5", "--num-samples", "2", "--batch-size", "8",
@@ -124,13 +124,12 @@ class Trained:
         return to
 
 
-Setup = Callable[[Path, Trained], "Command | None"]
+Setup = Callable[[Path, Trained], "Command"]
 CASES: dict[str, Setup] = {}
 
 
 def case(setup: Setup) -> Setup:
-    """Register ``setup_NAME``; the test ``test_NAME`` reads its outcome. A setup returns None when
-    its test will be skipped (files it needs are missing)."""
+    """Register ``setup_NAME``; the test ``test_NAME`` reads its outcome."""
     CASES[setup.__name__.removeprefix("setup_")] = setup
     return setup
 
@@ -153,9 +152,7 @@ def outcomes(request, tmp_path_factory, trained) -> dict[str, Outcome]:
     commands = {}
     for name, setup in CASES.items():
         if name in selected:
-            command = setup(tmp_path_factory.mktemp(name), trained)
-            if command is not None:
-                commands[name] = command
+            commands[name] = setup(tmp_path_factory.mktemp(name), trained)
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(commands, pool.map(run_command, commands.values())))
 
@@ -231,9 +228,8 @@ def test_all_images_corrupt(outcomes):
 
 
 @case
-def setup_truncated_mnist_gz(tmp: Path, trained: Trained) -> Command | None:
-    if not SHARED_MNIST.is_dir():
-        return None
+def setup_truncated_mnist_gz(tmp: Path, trained: Trained) -> Command:
+    assert SHARED_MNIST.is_dir(), f"the MNIST files are missing at {SHARED_MNIST}"
     folder = tmp / "mnist_files"
     folder.mkdir()
     for source in SHARED_MNIST.glob("*.gz"):
@@ -244,7 +240,6 @@ def setup_truncated_mnist_gz(tmp: Path, trained: Trained) -> Command | None:
                    watch=[folder])
 
 
-@needs_mnist
 def test_truncated_mnist_gz(outcomes):
     outcome = outcomes["truncated_mnist_gz"]
     assert_one_line_error(outcome, "train-images-idx3-ubyte.gz")
@@ -322,9 +317,8 @@ def test_download_checksum_mismatch(outcomes):
 
 
 @case
-def setup_corrupt_cached_mnist(tmp: Path, trained: Trained) -> Command | None:
-    if not SHARED_MNIST.is_dir():
-        return None
+def setup_corrupt_cached_mnist(tmp: Path, trained: Trained) -> Command:
+    assert SHARED_MNIST.is_dir(), f"the MNIST files are missing at {SHARED_MNIST}"
     folder = tmp / "cache" / "mnist"
     folder.mkdir(parents=True)
     for source in SHARED_MNIST.glob("*.gz"):
@@ -336,7 +330,6 @@ def setup_corrupt_cached_mnist(tmp: Path, trained: Trained) -> Command | None:
     return Command(["train", "--preset", "mnist", "--out", "run", *TINY], tmp, watch=[tmp / "cache"])
 
 
-@needs_mnist
 def test_corrupt_cached_mnist(outcomes):
     outcome = outcomes["corrupt_cached_mnist"]
     assert_one_line_error(outcome, "train-labels-idx1-ubyte.gz")

@@ -42,7 +42,6 @@ TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 POINT_SETS = {"moons": make_moons, "swissroll": make_swissroll, "8gaussians": make_8gaussians,
               "checkerboard": make_checkerboard}
 
-needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST files not found at {MNIST_DIR}")
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +173,6 @@ def test_generators_reject_bad_arguments(call):
 # MNIST and IDX files
 
 
-@needs_mnist
 def test_load_mnist_real_files(mnist_test):
     train = load_mnist(MNIST_DIR, "train")  # the only full decode of the training set
     assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
@@ -201,7 +199,6 @@ def test_read_idx_round_trip(tmp_path, compress):
     assert np.array_equal(read_idx(tmp_path / "b"), b) and read_idx(tmp_path / "b").dtype == np.int32
 
 
-@needs_mnist
 def test_truncated_idx_names_file_expected_and_found(tmp_path):
     raw = gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -213,7 +210,6 @@ def test_truncated_idx_names_file_expected_and_found(tmp_path):
     assert "10008" in message and "5000" in message  # 8-byte header + 10000 labels; what was there
 
 
-@needs_mnist
 def test_cut_gzip_stream_is_a_clear_error(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()[:2000])
@@ -332,7 +328,6 @@ def test_cifar_batch_with_wrong_contents(tmp_path):
 # Checksums, downloads and resolution
 
 
-@needs_mnist
 def test_md5_of_real_files_and_corrupt_copy(tmp_path):
     for name in MNIST_FILE_NAMES:
         verify_md5(MNIST_DIR / name, MNIST_MD5[name])
@@ -530,7 +525,6 @@ def test_builtin_names():
     assert not torch.equal(train.data, test.data)
 
 
-@needs_mnist
 def test_load_dataset_mnist_by_name_and_path():
     d = load_dataset("mnist", data_dir=MNIST_DIR, split="test", n=200, seed=1)
     assert d.data.shape == (200, 1, 28, 28) and d.kind == "image" and d.name == "mnist"
@@ -569,8 +563,6 @@ def test_load_dataset_errors_are_one_line_value_errors(tmp_path, call, match):
 
 
 def test_mnist_copy_in_cache_is_used_without_download(tmp_path):
-    if not MNIST_DIR.is_dir():
-        pytest.skip("needs the MNIST files")
     cache = tmp_path / "cache"
     (cache / "mnist").mkdir(parents=True)
     for stem in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
