@@ -163,11 +163,11 @@ TRAINING_PRESETS: dict[str, _Preset] = {
          "train": {"steps": 4000, "batch_size": 512, "lr": 1e-3, "ema_decay": 0.995, "sample_every": 2000},
          "sample": {"num_samples": 2000, "clip": False}}),
     "mnist": (
-        "MNIST digits 1x28x28, the small paper-style U-Net (1.1M), batch 128, lr 2e-4",
+        "MNIST digits 1x28x28, the small paper-style U-Net (1.1M), batch 64, lr 5e-4, 3000 steps (about an hour on 2 CPU cores)",
         {"model": {"preset": "unet-mnist"},
          "data": {"source": "mnist", "heldout": 1000},
-         "train": {"steps": 20_000, "batch_size": 128, "lr": 2e-4, "warmup": 500, "ema_decay": 0.9995,
-                   "checkpoint_every": 1000, "sample_every": 2000},
+         "train": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "warmup": 200, "ema_decay": 0.9995,
+                   "checkpoint_every": 500, "sample_every": 500, "eval_every": 500},
          "sample": {"sampler": "ddim", "sample_steps": 50}}),
     "cifar10": (
         "the paper's CIFAR-10 recipe: 35.7M U-Net, lr 2e-4, warm-up 5000, batch 128, dropout 0.1, EMA 0.9999, flips, 800k steps",
