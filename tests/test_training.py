@@ -307,3 +307,17 @@ def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
     result = ddpm_cli("train", "--resume", "--out", "mine", *TINY, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "not a ddpm run directory" in result.stderr
     assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ddpm import training
+    result = training.train(_tiny_points_config(tensorboard=True), tmp_path / "run", progress=False,
+                            log=lambda m: None)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [3, 6]
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-5)
+    assert "loss_q0" in events.Tags()["scalars"]
