@@ -147,7 +147,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     import ddpm
     from ddpm.training import resolve_device
-    from ddpm.visualize import denoising_strip, save_animation, save_grid, save_images, scatter_png, to_uint8
+    from ddpm.visualize import save_grid, save_images, scatter_png, to_uint8
 
     run_path = Path(args.run)
     out = _sample_output(args, run_path)
@@ -198,7 +198,7 @@ def _sample(args: argparse.Namespace) -> int:
     else:
         scatter_png([samples[:, :2]], out, titles=[f"{len(samples)} samples"])
     if trajectory is not None:
-        _save_trajectory(frames, labels, trajectory, run.kind, denoising_strip, save_animation, scatter_png)
+        _save_trajectory(frames, labels, trajectory, run.kind)
     what = f"{len(samples)} samples ({sampler}, {steps or run.schedule.num_steps} steps, seed {args.seed})"
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0
@@ -230,7 +230,9 @@ def _refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
         raise UsageError(f"{flag} {path} already exists; add --overwrite to replace it")
 
 
-def _save_trajectory(frames, labels, path: Path, kind: str, denoising_strip, save_animation, scatter_png) -> None:
+def _save_trajectory(frames: list, labels: list[str], path: Path, kind: str) -> None:
+    from ddpm.visualize import denoising_strip, save_animation, scatter_png
+
     if kind == "points":  # six panels from x_T to x_0, as a .png whatever the suffix
         chosen = sorted({round(i * (len(frames) - 1) / 5) for i in range(6)})
         scatter_png([frames[i][:, :2] for i in chosen], path.with_suffix(".png"),

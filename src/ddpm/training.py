@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, config_from_dict, config_to_dict
-from ddpm.data import Dataset, load_dataset, random_hflip
+from ddpm.data import DATASETS, Dataset, load_dataset, random_hflip
 from ddpm.diffusion import sample_timesteps, training_loss
 from ddpm.models import build_model, model_config_dict, preset_config
 from ddpm.models.mlp import ResidualMLPConfig
@@ -148,8 +148,9 @@ def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, 
 def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str]]:
     """The training set, a held-out set (or None) and notes for the user.
 
-    Built-in sets, MNIST and CIFAR-10 hold out from their test split; a folder or array file holds
-    out a random tenth (at most ``data.heldout`` examples) of its own examples.
+    Built-in sets (MNIST and CIFAR-10 by name included) hold out from their test split; a path (a
+    folder, an array file, MNIST files given by path) holds out a random tenth (at most
+    ``data.heldout`` examples) of its own examples.
     """
     d = config.data
     common = dict(image_size=d.image_size, channels=d.channels, seed=config.train.seed, data_dir=d.data_dir)
@@ -161,7 +162,7 @@ def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str
         raise ValueError("data.hflip flips images; the data is points")
     if d.heldout == 0:
         return dataset, None, notes
-    if dataset.name in ("square", "gradients", "moons", "swissroll", "8gaussians", "checkerboard", "mnist", "cifar10"):
+    if d.source in DATASETS:  # every built-in set has a test split
         heldout = load_dataset(d.source, n=d.heldout, split="test", **common).data
         return dataset, heldout, notes
     count = min(d.heldout, len(dataset) // 10)
