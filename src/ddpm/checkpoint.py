@@ -195,7 +195,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     name = pointer.read_text(encoding="utf-8").strip()
     if not _STEP_DIR.match(name):
         raise CheckpointError(f"{pointer} is damaged: it should name a step_NNNNNNN folder, not {name[:40]!r}")
-    path = root / name
+    return _require_complete(root / name)
+
+
+def _require_complete(path: Path) -> Path:
     missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing")
@@ -208,10 +211,7 @@ def find_run_files(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"no such run directory or checkpoint: {path}")
     if (path / "model.safetensors").is_file() or _STEP_DIR.match(path.name):
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing")
-        return path
+        return _require_complete(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a run directory or a checkpoint folder")
     checkpoint = latest_checkpoint(path)

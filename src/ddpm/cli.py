@@ -162,8 +162,7 @@ def _sample(args: argparse.Namespace) -> int:
     if run.kind == "points" and _is_dir_target(args.out):
         raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
     sampler = args.sampler or run.config.sample.sampler
-    steps = args.steps if args.steps is not None else (
-        run.config.sample.sample_steps if sampler == run.config.sample.sampler else None)
+    steps = args.steps if args.steps is not None else run.default_steps(sampler)
     if steps is not None and steps > run.schedule.num_steps:
         raise UsageError(f"--steps {steps} is not allowed; this run has T = {run.schedule.num_steps}, "
                          f"so use 1..{run.schedule.num_steps}")

@@ -49,7 +49,7 @@ class Run:
             raise ValueError(f"n = {n!r} is not allowed; ask for at least 1 sample")
         s = self.config.sample
         sampler = s.sampler if sampler is None else sampler
-        steps = s.sample_steps if steps is None and sampler == s.sampler else steps
+        steps = self.default_steps(sampler) if steps is None else steps
         eta = s.eta if eta is None else eta
         clip = (s.clip if clip is None else clip) and self.kind == "image"
         batch_size = n if batch_size is None else batch_size
@@ -65,6 +65,10 @@ class Run:
                                 eta=eta, clip_denoised=clip, prediction=self.config.diffusion.prediction,
                                 generator=generator, callback=callback, progress=progress).cpu())
         return torch.cat(parts)
+
+    def default_steps(self, sampler: str) -> int | None:
+        """The run's [sample] steps when ``sampler`` is the run's own sampler, else None (all T)."""
+        return self.config.sample.sample_steps if sampler == self.config.sample.sampler else None
 
     def to(self, device: torch.device | str) -> "Run":
         """Move the networks and the schedule to ``device`` (in place; returns self)."""
