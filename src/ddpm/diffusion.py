@@ -7,10 +7,12 @@ arguments; none of them owns either.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ddpm.schedule import NoiseSchedule, check_timesteps, extract
 
@@ -19,6 +21,10 @@ Prediction = Literal["eps", "x0", "v"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
 Weighting = Literal["min_snr"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+Variance = Literal["fixed_small", "fixed_large"]
+VARIANCES: tuple[str, ...] = get_args(Variance)
+Decoder = Literal["discretized", "gaussian"]
+DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -230,3 +236,157 @@ def training_loss(
     if weights is not None:
         per_example = per_example * weights
     return per_example.mean() if reduction == "mean" else per_example
+
+
+# --- the variational bound (eq. 5) ---------------------------------------------------------------
+# L = D_KL(q(x_T | x0) || p(x_T)) + sum_{t>1} D_KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) - log p(x0 | x_1).
+# In the package's indices the paper's x_1..x_T are t = 0..T-1: the prior term uses t = T-1, the KL
+# terms t = 1..T-1, and the decoder L_0 reads the network at t = 0.
+
+def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))) per element, in nats (broadcasting)."""
+    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2).square() * torch.exp(-log_var2) - 1.0)
+
+
+def gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """log N(x; mean, exp(log_var)) per element, in nats: the decoder for continuous data (points)."""
+    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean).square() * torch.exp(-log_var))
+
+
+def _log_normal_mass(lower: Tensor, upper: Tensor) -> Tensor:
+    """log(Phi(upper) - Phi(lower)) for lower < upper (either may be infinite), without cancellation.
+
+    The difference of two CDFs near 1 loses every digit, so an interval in the upper tail is
+    reflected to the lower one (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)), where log_ndtr is accurate.
+    """
+    flip = lower > 0
+    lower, upper = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    log_upper, log_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(lower)
+    return log_upper + torch.log1p(-torch.exp(log_lower - log_upper))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor, *, bins: int = 256) -> Tensor:
+    """log P(x) per element in nats, for data on ``bins`` evenly spaced levels from -1 to 1 (eq. 13).
+
+    P(x) is the mass N(mean, exp(log_var)) puts on x's bin, [x - 1/(bins-1), x + 1/(bins-1)], with the
+    outermost bins running to -inf and +inf, so the probabilities of all levels sum to 1.
+    Computed in float64; returned in float64.
+    """
+    # Bin edges from the level's index in float64, so neighbouring bins share an edge exactly (edges
+    # from a float32 x would leave slivers between bins and the masses would not sum to 1).
+    level = ((x.double() + 1.0) * (bins - 1) / 2.0).round()
+    mean, std = mean.double(), torch.exp(0.5 * log_var.double())
+    edge = lambda offset: (2.0 * (level + offset) / (bins - 1) - 1.0 - mean) / std  # noqa: E731
+    lower = torch.where(level <= 0, -math.inf, edge(-0.5))
+    upper = torch.where(level >= bins - 1, math.inf, edge(0.5))
+    return _log_normal_mass(lower, upper)
+
+
+def is_8bit(x: Tensor, bins: int = 256) -> bool:
+    """Whether every value of ``x`` is one of the ``bins`` levels of [-1, 1] (up to float32 rounding)."""
+    levels = (x.double() + 1.0) * (bins - 1) / 2.0
+    return bool(((levels - levels.round()).abs() <= 1e-3).all() and x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6)
+
+
+def model_log_variance(schedule: NoiseSchedule, t: Tensor, variance: Variance, shape: tuple[int, ...]) -> Tensor:
+    """log sigma_t^2 of p(x_{t-1} | x_t), shaped (B, 1, ...) (sec. 3.2).
+
+    "fixed_small": sigma_t^2 = beta tilde_t, the posterior variance; at t = 0, where beta tilde is 0,
+    the t = 1 value stands in (as in the official code). "fixed_large": sigma_t^2 = beta_t.
+    """
+    check_choice("variance", variance, VARIANCES)
+    table = schedule.posterior_log_variance_clipped if variance == "fixed_small" else schedule.betas.log()
+    return extract(table, t, shape)
+
+
+class ReverseStep(NamedTuple):
+    """p(x_{t-1} | x_t) = N(mean, exp(log_variance) I): mean (B, ...), log_variance (B, 1, ...), and the
+    network's x0 estimate (B, ...) that the mean is built from."""
+    mean: Tensor
+    log_variance: Tensor
+    pred_x0: Tensor
+
+
+def p_mean_variance(model: Model, schedule: NoiseSchedule, x_t: Tensor, t: Tensor, *,
+                    prediction: Prediction = "eps", variance: Variance = "fixed_small",
+                    clip_denoised: bool = False) -> ReverseStep:
+    """The model's reverse step: mean = posterior mean (eq. 7) at the predicted x0, which for an eps
+    model is eq. 11; variance fixed as ``variance`` says."""
+    check_timesteps(schedule, t, x_t.shape[0])
+    pred_x0 = denoise(schedule, model(x_t, t), x_t, t, prediction, clip_denoised).pred_x0
+    mean = q_posterior_mean_variance(schedule, pred_x0, x_t, t).mean
+    return ReverseStep(mean, model_log_variance(schedule, t, variance, x_t.shape), pred_x0)
+
+
+class VariationalBound(NamedTuple):
+    """The negative ELBO of eq. 5 per example, in bits per dimension (nats / (D ln 2)).
+
+    total (B,) = prior + terms.sum(1). prior (B,): L_T = KL(q(x_T | x0) || N(0, I)).
+    terms (B, T): terms[:, 0] is the decoder's -log p(x0 | x at t = 0) (L_0), terms[:, t] for t >= 1
+    is KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) (L_{t-1} of the paper, which counts from 1).
+    """
+    total: Tensor
+    prior: Tensor
+    terms: Tensor
+
+
+def prior_kl(schedule: NoiseSchedule, x0: Tensor) -> Tensor:
+    """KL(q(x_T | x0) || N(0, I)) summed over each example's dimensions, in nats (B,). Float64."""
+    last = torch.full((x0.shape[0],), schedule.num_steps - 1, dtype=torch.long, device=schedule.device)
+    alpha_bar = extract(schedule.alphas_cumprod_float64().to(x0.device), last.to(x0.device), x0.shape)
+    kl = normal_kl(alpha_bar.sqrt() * x0.double(), torch.log1p(-alpha_bar), torch.zeros((), dtype=torch.float64),
+                   torch.zeros((), dtype=torch.float64))
+    return kl.flatten(1).sum(1)
+
+
+@torch.no_grad()
+def variational_bound(
+    model: Model,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    prediction: Prediction = "eps",
+    variance: Variance = "fixed_large",
+    decoder: Decoder = "discretized",
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> VariationalBound:
+    """Evaluate the bound of eq. 5 on data x0 (B, ...), one network call per timestep, in bits/dim.
+
+    Each KL term is exact given its x_t, which is drawn once per (example, t) from q(x_t | x0), so the
+    total is an unbiased estimate of the bound for each example.
+    decoder: "discretized" for 8-bit images (eq. 13; x0 must lie on the 256 levels of [-1, 1]), which
+      makes the total an upper bound on the negative log-likelihood in bits per subpixel, as papers
+      report it; "gaussian" for continuous data, a bound on the differential NLL (can be negative).
+    variance: sigma_t^2 of the reverse steps. The default, "fixed_large" (beta_t), gives the tighter
+      bound: with the exact noise predictor it tends to the true NLL as T grows, while "fixed_small"
+      keeps a gap at the data end (tests/test_variational_bound.py shows both).
+    """
+    check_choice("decoder", decoder, DECODERS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    if decoder == "discretized" and not is_8bit(x0):
+        raise ValueError("the discretized decoder needs 8-bit data: x0 on the 256 levels of [-1, 1] "
+                         "(quantize it, or use decoder='gaussian' for continuous data)")
+    x0 = x0.to(schedule.device, torch.float32)
+    batch, dims = x0.shape[0], x0[0].numel()
+    nats = torch.zeros(batch, schedule.num_steps, dtype=torch.float64, device=x0.device)
+    for step in tqdm(range(schedule.num_steps - 1, -1, -1), desc="variational bound", disable=not progress):
+        t = torch.full((batch,), step, dtype=torch.long, device=x0.device)
+        x_t = _q_sample(schedule, x0, t, _randn_like(x0, generator))
+        reverse = p_mean_variance(model, schedule, x_t, t, prediction=prediction, variance=variance,
+                                  clip_denoised=clip_denoised)
+        if step > 0:
+            true = q_posterior_mean_variance(schedule, x0, x_t, t)
+            term = normal_kl(true.mean.double(), true.log_variance.double(), reverse.mean.double(),
+                             reverse.log_variance.double())
+        elif decoder == "discretized":
+            term = -discretized_gaussian_log_likelihood(x0, reverse.mean, reverse.log_variance)
+        else:
+            term = -gaussian_log_likelihood(x0.double(), reverse.mean.double(), reverse.log_variance.double())
+        nats[:, step] = term.flatten(1).sum(1)
+    to_bits = 1.0 / (dims * math.log(2.0))
+    prior = prior_kl(schedule, x0) * to_bits
+    terms = nats * to_bits
+    return VariationalBound(prior + terms.sum(1), prior, terms)

@@ -14,13 +14,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import PREDICTIONS, Model, Prediction, check_choice, denoise
+from ddpm.diffusion import PREDICTIONS, VARIANCES, Model, Prediction, Variance, check_choice, denoise
 from ddpm.schedule import NoiseSchedule, posterior_coefficients
 
 Sampler = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
-Variance = Literal["fixed_small", "fixed_large"]
-VARIANCES: tuple[str, ...] = get_args(Variance)
 Spacing = Literal["uniform", "leading"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 
