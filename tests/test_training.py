@@ -8,6 +8,7 @@ import math
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -331,3 +332,45 @@ def test_compiled_training_matches_plain_training(tmp_path):
     plain, compiled = ddpm.load(runs[False]), ddpm.load(runs[True])
     for (name, p), q in zip(plain.model.named_parameters(), compiled.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _wandb_history(path: Path) -> list[dict[str, float]]:
+    """The history rows of an offline wandb run file. The file is a LevelDB-style log (a 7-byte file
+    header, then records in 32 KiB blocks, each chunk with a 7-byte header: crc32, length, type), each
+    record a wandb_internal_pb2.Record protobuf."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, position, pending, rows = path.read_bytes(), 7, b"", []
+    while position + 7 <= len(raw):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position:position + 7])
+        pending += raw[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_logs_what_metrics_jsonl_holds(tmp_path, monkeypatch):
+    """--wandb with WANDB_MODE=offline writes an offline run inside the run directory whose history
+    rows are the metrics.jsonl rows, step for step."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from ddpm import training
+    result = training.train(_tiny_points_config(wandb=True), tmp_path / "run", progress=False, log=lambda m: None)
+    files = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    logged = {int(row["_step"]): row for row in _wandb_history(files[0])}
+    written = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(logged) == [row["step"] for row in written] == [3, 6]
+    for row in written:
+        for key, value in row.items():
+            if key != "step":
+                assert logged[row["step"]][key] == pytest.approx(value, abs=1e-6), key
