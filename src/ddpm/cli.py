@@ -2,6 +2,7 @@
 
     ddpm train [--preset NAME] [--data PATH] [--out RUN_DIR] [--steps N] ... [--resume] [--overwrite]
     ddpm sample RUN_DIR|CHECKPOINT [--num N] [--sampler ddpm|ddim] [--steps S] [--out FILE|DIR/|FILE.npz]
+    ddpm eval RUN_DIR|CHECKPOINT [--metric bpd|fid|fid-mnist|energy|gradient|square] [--num N] [--json FILE]
     ddpm presets | ddpm datasets
 
 Exit codes: 0 success, 1 training failed (non-finite loss) or an unexpected error, 2 bad input,
@@ -246,6 +247,95 @@ def _save_trajectory(frames: list, labels: list[str], path: Path, kind: str) -> 
         denoising_strip(frames, path, columns=11)
 
 
+# --- ddpm eval ------------------------------------------------------------------------------------
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    from ddpm.evaluation.evaluate import METRICS
+
+    parser = commands.add_parser(
+        "eval", help="measure a trained run: bits/dim, FID, distances on the built-in sets",
+        description="Measure a run (EMA weights) with metrics that need no download: "
+                    + "; ".join(f"{name}: {text}" for name, text in METRICS.items()) + ".")
+    parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    parser.add_argument("--metric", action="append", choices=list(METRICS),
+                        help="a metric to compute (repeat for several; default: those that suit the run's data)")
+    parser.add_argument("--num", type=_positive_int("--num"), default=1000,
+                        help="samples to draw for sample-based metrics (default 1000)")
+    parser.add_argument("--heldout", type=_positive_int("--heldout"), default=100,
+                        help="held-out examples for bpd; each costs T network calls (default 100)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's [sample] sampler")
+    parser.add_argument("--steps", type=_positive_int("--steps"), help="timesteps to visit (default: the run's)")
+    parser.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (default: the run's)")
+    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250,
+                        help="samples drawn at once (default 250)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of samples and held-out choice (default 0)")
+    parser.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large",
+                        help="sigma_t^2 of the bound's reverse steps: beta_t (default, the tighter bound) or beta tilde")
+    parser.add_argument("--data-dir", help="where the MNIST / CIFAR-10 files are, if not where the run was trained")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help="pt_inception-2015-12-05-6726825d.pth for --metric fid (or set DDPM_INCEPTION_WEIGHTS)")
+    parser.add_argument("--json", metavar="FILE", help="write the results here (default RUN_DIR/eval/step_N.json)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import ddpm
+    from ddpm.checkpoint import write_json
+    from ddpm.evaluation.evaluate import EvalOptions, default_metrics, evaluate_run
+    from ddpm.training import resolve_device
+
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        raise UsageError(f"--eta {args.eta} is not allowed; it must be in [0, 1]")
+    if args.json is not None:
+        _refuse_existing(Path(args.json), args.overwrite, "--json")
+        if Path(args.json).suffix.lower() != ".json":
+            raise UsageError(f"--json {args.json}: the file name must end in .json")
+    run = ddpm.load(args.run, device=resolve_device(args.device))
+    if args.steps is not None and args.steps > run.schedule.num_steps:
+        raise UsageError(f"--steps {args.steps} is not allowed; this run has T = {run.schedule.num_steps}, "
+                         f"so use 1..{run.schedule.num_steps}")
+    metrics = list(dict.fromkeys(args.metric)) if args.metric else default_metrics(run)
+    options = EvalOptions(num=args.num, heldout=args.heldout, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                          batch_size=args.batch_size, seed=args.seed, variance=args.variance, data_dir=args.data_dir,
+                          inception_weights=args.inception_weights, progress=not args.quiet)
+    report = evaluate_run(run, metrics, options)
+    out = Path(args.json) if args.json else _fresh_eval_path(run.checkpoint.parent.parent / "eval", run.step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step,
+                     "options": {k: v for k, v in vars(options).items() if k != "progress"}, "metrics": report})
+    print(f"{args.run} at step {run.step} (EMA weights)")
+    print(_table(report))
+    print(f"wrote {out}")
+    return 0
+
+
+def _fresh_eval_path(folder: Path, step: int) -> Path:
+    """eval/step_N.json, or step_N-2.json, -3, ... : an earlier evaluation is never overwritten."""
+    candidate, number = folder / f"step_{step:07d}.json", 1
+    while candidate.exists():
+        number += 1
+        candidate = folder / f"step_{step:07d}-{number}.json"
+    return candidate
+
+
+def _table(report: dict[str, dict[str, Any]]) -> str:
+    """metric, quantity, value: one row per quantity, numbers to 4 significant figures."""
+    def shown(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return " ".join(map(str, value))
+        return str(value)
+
+    rows = [("metric", "quantity", "value")]
+    for metric, values in report.items():
+        rows += [(metric if i == 0 else "", key, shown(value)) for i, (key, value) in enumerate(values.items())]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
+
+
 # --- listings -------------------------------------------------------------------------------------
 
 def _presets(args: argparse.Namespace) -> int:
@@ -282,12 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train(commands)
     _add_sample(commands)
+    _add_eval(commands)
     commands.add_parser("presets", help="list the training and model presets, one line each")
     commands.add_parser("datasets", help="list the built-in datasets, one line each")
     return parser
 
 
-_COMMANDS = {"train": _train, "sample": _sample, "presets": _presets, "datasets": _datasets}
+_COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "presets": _presets, "datasets": _datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,254 @@
+"""``ddpm eval``: the metrics of a trained run, from samples it draws and data it holds out.
+
+    run = ddpm.load("runs/mnist")
+    report = evaluate_run(run, ["fid-mnist", "bpd"], EvalOptions(num=1000))
+    report["fid-mnist"]["fid"], report["bpd"]["bpd"]
+
+Each metric is a function of an :class:`_Evaluation`, which draws the run's samples once (shared by
+every sample-based metric) and loads the reference data once. Metrics return flat dicts of numbers
+(and short lists), ready for JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ddpm.data import DataError, load_dataset
+from ddpm.data.registry import DATASETS, Dataset
+from ddpm.diffusion import variational_bound
+from ddpm.evaluation.metrics import energy_distance, feature_statistics, frechet_distance, square_error
+from ddpm.run import Run
+
+__all__ = ["METRICS", "EvalOptions", "default_metrics", "evaluate_run"]
+
+METRICS: dict[str, str] = {
+    "bpd": "bits per dimension of held-out data: the variational bound (eq. 5), 8-bit decoder for images",
+    "fid": "Frechet distance of InceptionV3 pool features, samples vs held-out images (needs the weights file)",
+    "fid-mnist": "Frechet distance of ddpm's MNIST classifier features, and what the classifier sees in samples",
+    "energy": "energy distance of point samples to held-out data, beside that of two data draws (noise floor)",
+    "gradient": "RMS distance of each sample to the nearest exact colour gradient",
+    "square": "RMS error of each sample to the 8x8 square",
+}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How ``ddpm eval`` samples and what it compares against."""
+
+    num: int = 1000  # samples to draw for the sample-based metrics
+    heldout: int = 100  # held-out examples for bpd (each costs T network calls)
+    sampler: str | None = None  # None: the run's [sample] sampler
+    steps: int | None = None  # None: the run's sample steps for its own sampler, else all T
+    eta: float | None = None
+    batch_size: int = 250
+    seed: int = 0
+    variance: str = "fixed_large"  # sigma_t^2 of the bound's reverse steps (see diffusion.variational_bound)
+    data_dir: str | None = None  # where MNIST / CIFAR-10 are, if not where the run was trained
+    inception_weights: str | None = None
+    progress: bool = True
+
+
+def default_metrics(run: Run) -> list[str]:
+    """The metrics that suit a run's data: every run gets bpd, plus the one its data calls for."""
+    name = _source_name(run)
+    if run.kind == "points":
+        return ["energy", "bpd"]
+    special = {"mnist": "fid-mnist", "gradients": "gradient", "square": "square"}.get(name)
+    return [special, "bpd"] if special else ["bpd"]
+
+
+def _source_name(run: Run) -> str:
+    source = run.config.data.source
+    if source in ("mnist", "cifar10", "square", "gradients"):
+        return source
+    path = Path(source).expanduser()
+    from ddpm.data.mnist import find_mnist_files
+
+    if path.is_dir() and find_mnist_files(path, "test") is not None:
+        return "mnist"
+    return source
+
+
+def evaluate_run(run: Run, metrics: list[str], options: EvalOptions = EvalOptions()) -> dict[str, dict[str, Any]]:
+    """Compute each named metric of ``run``; returns {metric: {quantity: value}}."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; allowed: {', '.join(METRICS)}")
+    evaluation = _Evaluation(run, options)
+    for metric in metrics:
+        evaluation.check(metric)
+    return {metric: _METRIC_FUNCTIONS[metric](evaluation) for metric in metrics}
+
+
+class _Evaluation:
+    """A run, the options, and the samples and data that metrics share (each made once, when first used)."""
+
+    def __init__(self, run: Run, options: EvalOptions):
+        self.run, self.options = run, options
+        self.source = _source_name(run)
+
+    def check(self, metric: str) -> None:
+        """Refuse, before any expensive work, a metric this run's data cannot have."""
+        needs = {"energy": "points", "gradient": "gradients", "square": "square", "fid-mnist": "mnist"}
+        if metric == "energy" and self.run.kind != "points":
+            raise ValueError("the energy metric compares point sets; this run's data are images")
+        if metric in ("gradient", "square", "fid-mnist") and self.source != needs[metric]:
+            raise ValueError(f"the {metric} metric needs a run trained on {needs[metric]}; this run's data is "
+                             f"{self.run.config.data.source!r}")
+        if metric == "fid-mnist" and tuple(self.run.sample_shape) != (1, 28, 28):
+            raise ValueError(f"fid-mnist needs 1x28x28 samples, as the classifier reads; this run makes "
+                             f"{'x'.join(map(str, self.run.sample_shape))}")
+        if metric == "fid" and self.run.kind != "image":
+            raise ValueError("fid compares images; for point data use the energy metric")
+        if metric == "fid":
+            from ddpm.evaluation.inception import inception_weights_path
+
+            inception_weights_path(self.options.inception_weights)  # a one-line error if it is missing
+
+    def reference(self, n: int, *, seed_offset: int = 0) -> Dataset:
+        """``n`` held-out examples (fewer if the data has fewer) in the run's data shape: the test split
+        where the data has one (a fresh draw for generated sets), else the training data itself."""
+        d = self.run.config.data
+        seed = self.options.seed + 1 + seed_offset
+        common = dict(image_size=d.image_size, channels=d.channels, data_dir=self.data_dir)
+        generated = d.source in DATASETS and d.source not in ("mnist", "cifar10")
+        try:
+            data = load_dataset(d.source, split="test", n=n if generated else None, seed=seed, **common)
+        except DataError as error:
+            if "has no splits" not in str(error):
+                raise
+            data = load_dataset(d.source, seed=seed, **common)
+        if len(data) <= n:
+            return data
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        labels = data.labels[chosen] if data.labels is not None else None
+        return Dataset(data.data[chosen], data.kind, data.name, labels)
+
+    @property
+    def data_dir(self) -> str | None:
+        """Where MNIST / CIFAR-10 files are: the option, else the run's data_dir, else its source path."""
+        d = self.run.config.data
+        if self.options.data_dir or d.data_dir:
+            return self.options.data_dir or d.data_dir
+        return None if d.source in DATASETS else d.source
+
+    @cached_property
+    def samples(self) -> Tensor:
+        """The run's samples (num, ...): images clipped and rounded to 8 bits, as a saved PNG would hold."""
+        o = self.options
+        x = self.run.sample(o.num, sampler=o.sampler, steps=o.steps, eta=o.eta, batch_size=o.batch_size,
+                            seed=o.seed, progress=o.progress)
+        return _quantize(x) if self.run.kind == "image" else x
+
+    def sampler_description(self) -> str:
+        o, run = self.options, self.run
+        sampler = o.sampler or run.config.sample.sampler
+        steps = o.steps if o.steps is not None else run.default_steps(sampler)
+        return f"{sampler}, {steps or run.schedule.num_steps} steps"
+
+
+def _quantize(images: Tensor) -> Tensor:
+    """Clip to [-1, 1] and round to the 256 levels an 8-bit image can hold."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+# --- the metrics ----------------------------------------------------------------------------------
+
+def _bpd(e: _Evaluation) -> dict[str, Any]:
+    o, run = e.options, e.run
+    data = e.reference(o.heldout).data
+    images = run.kind == "image"
+    x0 = _quantize(data) if images else data
+    bound = variational_bound(run.ema_model, run.schedule, x0.to(run.schedule.device),
+                              prediction=run.config.diffusion.prediction, variance=o.variance,
+                              decoder="discretized" if images else "gaussian",
+                              generator=torch.Generator(run.schedule.device).manual_seed(o.seed), progress=o.progress)
+    total = bound.total.cpu()
+    terms = bound.terms.mean(0).cpu()
+    return {
+        "bpd": float(total.mean()),
+        "standard_error": float(total.std() / math.sqrt(len(total))) if len(total) > 1 else float("nan"),
+        "prior": float(bound.prior.mean()),
+        "decoder": float(terms[0]),
+        "kl_terms": float(terms[1:].sum()),
+        "examples": len(total),
+        "decoder_kind": "discretized (8-bit)" if images else "gaussian (continuous; can be negative)",
+        "variance": o.variance,
+    }
+
+
+def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
+    from ddpm.evaluation.classifier import classifier_view, load_mnist_classifier, mnist_features
+
+    o = e.options
+    model, info = load_mnist_classifier(data_dir=e.data_dir, progress=o.progress)
+    test = load_dataset("mnist", split="test", data_dir=e.data_dir)
+    reference = feature_statistics(mnist_features(model, test.data))
+    samples = feature_statistics(mnist_features(model, e.samples))
+    # The floor: the same statistic for as many real training digits as there are samples.
+    real = load_dataset("mnist", split="train", n=len(e.samples), seed=o.seed, data_dir=e.data_dir)
+    floor = frechet_distance(feature_statistics(mnist_features(model, real.data)), reference)
+    view = classifier_view(model, e.samples)
+    return {
+        "fid": frechet_distance(samples, reference),
+        "fid_of_real_digits": floor,
+        "confident_fraction": float(view.confident_fraction),
+        "class_histogram": [int(c) for c in view.class_histogram],
+        "samples": len(e.samples),
+        "reference": f"{len(test)} MNIST test digits",
+        "classifier_test_accuracy": float(info["test_accuracy"]),
+        "sampler": e.sampler_description(),
+    }
+
+
+def _fid(e: _Evaluation) -> dict[str, Any]:
+    from ddpm.evaluation.inception import inception_features, load_inception
+
+    o = e.options
+    model = load_inception(o.inception_weights, device=e.run.schedule.device)
+    reference = e.reference(max(o.num, 2))
+    fid = frechet_distance(feature_statistics(inception_features(model, e.samples)),
+                           feature_statistics(inception_features(model, reference.data)))
+    return {"fid": fid, "samples": len(e.samples), "reference": f"{len(reference)} held-out images",
+            "sampler": e.sampler_description()}
+
+
+def _energy(e: _Evaluation) -> dict[str, Any]:
+    n = len(e.samples)
+    data = e.reference(n).data
+    other = e.reference(n, seed_offset=1).data
+    return {"energy_distance": energy_distance(e.samples, data), "noise_floor": energy_distance(other, data),
+            "samples": n, "sampler": e.sampler_description()}
+
+
+def _gradient(e: _Evaluation) -> dict[str, Any]:
+    from ddpm.data.synthetic import nearest_gradient_distance
+
+    distance = nearest_gradient_distance(e.samples)
+    real = nearest_gradient_distance(_quantize(e.reference(len(e.samples)).data))
+    return {"mean": float(distance.mean()), "median": float(distance.median()),
+            "p90": float(distance.quantile(0.9)), "real_data_mean": float(real.mean()),
+            "samples": len(distance), "sampler": e.sampler_description()}
+
+
+def _square(e: _Evaluation) -> dict[str, Any]:
+    from ddpm.data.synthetic import make_square
+
+    c, h, _ = e.run.sample_shape
+    error = square_error(e.samples, make_square(1, channels=c, image_size=h)[0])
+    return {"mean": float(error.mean()), "median": float(error.median()),
+            "within_0.1": float((error < 0.1).float().mean()), "samples": len(error),
+            "sampler": e.sampler_description()}
+
+
+_METRIC_FUNCTIONS: dict[str, Callable[[_Evaluation], dict[str, Any]]] = {
+    "bpd": _bpd, "fid": _fid, "fid-mnist": _fid_mnist, "energy": _energy, "gradient": _gradient, "square": _square,
+}

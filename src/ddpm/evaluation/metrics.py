@@ -1,0 +1,88 @@
+"""Distances between sets of samples: Frechet distance of features, energy distance of points, and
+the errors of samples of the built-in image sets against what they should be.
+
+All functions take tensors and return floats or tensors; none draws samples or reads files.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["FeatureStatistics", "feature_statistics", "frechet_distance", "energy_distance", "square_error"]
+
+
+class FeatureStatistics(NamedTuple):
+    """Mean (F,) and covariance (F, F) of a set of feature vectors, float64, and how many there were."""
+    mean: Tensor
+    cov: Tensor
+    count: int
+
+
+def feature_statistics(features: Tensor) -> FeatureStatistics:
+    """Mean and unbiased covariance (divisor N - 1, as FID implementations use) of features (N, F)."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be (N, F) with N >= 2; got shape {tuple(features.shape)}")
+    x = features.detach().to("cpu", torch.float64)
+    mean = x.mean(0)
+    centred = x - mean
+    return FeatureStatistics(mean, centred.T @ centred / (x.shape[0] - 1), x.shape[0])
+
+
+def _psd_sqrt(matrix: Tensor) -> Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix (negative rounding
+    noise in its eigenvalues is set to 0)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
+    """d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}), the squared 2-Wasserstein
+    distance between N(mu_a, S_a) and N(mu_b, S_b) (FID when the features are Inception's).
+
+    tr((S_a S_b)^{1/2}) is computed as the sum of square roots of the eigenvalues of the symmetric
+    PSD matrix S_a^{1/2} S_b S_a^{1/2}, which has the same eigenvalues as S_a S_b. This stays real and
+    exact for singular covariances (fewer samples than features), where a general matrix square root
+    of S_a S_b returns complex rounding noise that implementations have to discard.
+    """
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(f"feature sizes differ: {tuple(a.mean.shape)} and {tuple(b.mean.shape)}")
+    root_a = _psd_sqrt(a.cov)
+    middle = root_a @ b.cov @ root_a
+    cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (a.mean - b.mean).square().sum() + a.cov.trace() + b.cov.trace() - 2 * cross
+    return max(float(distance), 0.0)
+
+
+def _mean_pairwise_distance(x: Tensor, y: Tensor, *, same: bool, chunk: int = 2048) -> Tensor:
+    """Mean Euclidean distance over pairs (x_i, y_j); with same=True, x is y and the N zero distances
+    of i = j are left out (the unbiased U-statistic)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        total += torch.cdist(x[start:start + chunk], y).sum()
+    pairs = x.shape[0] * (y.shape[0] - 1) if same else x.shape[0] * y.shape[0]
+    return total / pairs
+
+
+def energy_distance(x: Tensor, y: Tensor) -> float:
+    """The energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely & Rizzo) between the samples
+    x (N, D) and y (M, D), each expectation over distinct pairs. It is 0 exactly when the two
+    distributions are equal, and for finite samples it fluctuates around 0 by an amount that shrinks
+    as 1/N: report it beside the same statistic between two fresh draws of the data (the noise floor).
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or min(x.shape[0], y.shape[0]) < 2:
+        raise ValueError(f"energy_distance needs (N, D) and (M, D) with N, M >= 2; got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
+    between = _mean_pairwise_distance(x, y, same=False)
+    return float(2 * between - _mean_pairwise_distance(x, x, same=True) - _mean_pairwise_distance(y, y, same=True))
+
+
+def square_error(images: Tensor, target: Tensor) -> Tensor:
+    """Root mean square error of each image (N, C, H, W) against the one target image (C, H, W), in
+    the [-1, 1] units of the images: 0 is the square exactly, 2 is every pixel inverted. (N,)."""
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(target.shape):
+        raise ValueError(f"images {tuple(images.shape)} do not match the target {tuple(target.shape)}")
+    return (images.double() - target.double()).square().flatten(1).mean(1).sqrt().float()

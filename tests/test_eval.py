@@ -1,0 +1,139 @@
+"""``ddpm eval`` end to end on tiny runs: which metrics each kind of run gets, the JSON it writes,
+and one-line errors for what a run cannot be measured with."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm
+from ddpm.cli import main
+from ddpm.config import build_config
+from ddpm.evaluation.evaluate import EvalOptions, evaluate_run
+from ddpm.evaluation.metrics import square_error
+from ddpm.training import train
+
+TINY_TRAIN = {"steps": 4, "batch_size": 16, "checkpoint_every": 4, "sample_every": 0, "eval_every": 0,
+              "tensorboard": False}
+
+
+def _train(root: Path, preset: str, **layers) -> Path:
+    config = build_config(preset, {"train": TINY_TRAIN, **layers})
+    return train(config, root / preset, progress=False, log=lambda message: None).run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "gradients": _train(root, "gradients", diffusion={"num_steps": 20, "beta_start": 5e-3, "beta_end": 0.5}),
+        "square": _train(root, "square-fast", diffusion={"num_steps": 20}),
+        "toy2d": _train(root, "toy2d", model={"overrides": {"hidden_dim": 32, "num_blocks": 1}},
+                        data={"num_examples": 256, "heldout": 0}, diffusion={"num_steps": 20}),
+    }
+
+
+def _eval(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["eval", *args, "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_gradients_run_gets_gradient_distance_and_bpd(runs, capsys):
+    code, out, err = _eval(capsys, str(runs["gradients"]), "--num", "32", "--heldout", "8")
+    assert code == 0, err
+    saved = json.loads((runs["gradients"] / "eval" / "step_0000004.json").read_text())
+    assert list(saved["metrics"]) == ["gradient", "bpd"]
+    gradient, bpd = saved["metrics"]["gradient"], saved["metrics"]["bpd"]
+    assert gradient["samples"] == 32 and 0 <= gradient["real_data_mean"] < 0.01 < gradient["mean"]
+    assert bpd["examples"] == 8 and bpd["decoder_kind"].startswith("discretized")
+    assert bpd["bpd"] == pytest.approx(bpd["prior"] + bpd["decoder"] + bpd["kl_terms"], rel=1e-9)
+    assert "gradient" in out and "bpd" in out and "wrote" in out
+    # A second evaluation never overwrites the first.
+    assert _eval(capsys, str(runs["gradients"]), "--metric", "gradient", "--num", "4")[0] == 0
+    assert (runs["gradients"] / "eval" / "step_0000004-2.json").is_file()
+
+
+def test_square_metric_is_the_error_of_the_samples_it_draws(runs):
+    """The metric measures the run's own samples: the same seed gives the same draw, clipped and
+    rounded to 8 bits, and its RMS error to the square is what the report says."""
+    run = ddpm.load(runs["square"])
+    report = evaluate_run(run, ["square"], EvalOptions(num=6, sampler="ddim", steps=5, progress=False))
+    x = run.sample(6, sampler="ddim", steps=5, seed=0, batch_size=250)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    target = torch.full((1, 8, 8), -1.0)
+    target[:, 2:6, 2:6] = 1.0
+    errors = square_error(x, target)
+    assert report["square"]["mean"] == pytest.approx(float(errors.mean()), rel=1e-6)
+    assert report["square"]["sampler"] == "ddim, 5 steps"
+
+
+def test_points_run_gets_energy_distance_beside_its_noise_floor(runs, capsys, tmp_path):
+    out_json = tmp_path / "toy.json"
+    code, out, err = _eval(capsys, str(runs["toy2d"]), "--num", "400", "--heldout", "16", "--sampler", "ddim",
+                           "--steps", "5", "--json", str(out_json))
+    assert code == 0, err
+    metrics = json.loads(out_json.read_text())["metrics"]
+    assert list(metrics) == ["energy", "bpd"]
+    energy = metrics["energy"]
+    # Four training steps make a blob, not 8 Gaussians: clearly farther than two draws of the data
+    # (whose distance, the noise floor, fluctuates by about 0.01 at 400 points).
+    assert abs(energy["noise_floor"]) < 0.03 and energy["energy_distance"] > energy["noise_floor"] + 0.04
+    assert metrics["bpd"]["decoder_kind"].startswith("gaussian") and math.isfinite(metrics["bpd"]["bpd"])
+
+
+def test_fid_with_an_inception_weights_file(runs, capsys, tmp_path):
+    """The Inception pipeline end to end with a weights file of the right layout (random weights:
+    the real file cannot be downloaded here, so the number means nothing but must be finite)."""
+    from safetensors.torch import save_file
+
+    from ddpm.evaluation.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in FIDInceptionV3().state_dict().items()}, str(weights))
+    code, out, err = _eval(capsys, str(runs["gradients"]), "--metric", "fid", "--num", "4",
+                           "--inception-weights", str(weights), "--json", str(tmp_path / "fid.json"))
+    assert code == 0, err
+    fid = json.loads((tmp_path / "fid.json").read_text())["metrics"]["fid"]
+    assert math.isfinite(fid["fid"]) and fid["fid"] >= 0 and fid["samples"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "energy"], "compares point sets"),
+    (["--metric", "fid-mnist"], "needs a run trained on mnist"),
+    (["--metric", "square"], "needs a run trained on square"),
+    (["--metric", "fid"], "DDPM_INCEPTION_WEIGHTS"),
+    (["--metric", "nonsense"], "invalid choice"),
+    (["--steps", "500"], "this run has T = 20"),
+    (["--num", "0"], "--num must be at least 1"),
+    (["--eta", "2"], "must be in [0, 1]"),
+    (["--json", "x.txt"], "must end in .json"),
+])
+def test_bad_eval_input_is_one_line(runs, capsys, args, message, monkeypatch):
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    before = sorted(p.name for p in runs["gradients"].rglob("*"))
+    code, out, err = _eval(capsys, str(runs["gradients"]), *args)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in runs["gradients"].rglob("*")) == before
+
+
+def test_eval_refuses_to_overwrite_a_json_file(runs, capsys, tmp_path):
+    existing = tmp_path / "kept.json"
+    existing.write_text("{}")
+    code, _, err = _eval(capsys, str(runs["gradients"]), "--json", str(existing))
+    assert code == 2 and "already exists" in err and existing.read_text() == "{}"
+
+
+def test_eval_through_the_real_command(runs, tmp_path):
+    """The installed entry point: a missing run is one line and exit 2, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "ddpm", "eval", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
