@@ -158,8 +158,8 @@ def test_bound_on_gaussian_data_matches_its_closed_form(variance, num_steps):
 
 def test_bound_approaches_the_true_nll_as_T_grows():
     """With sigma^2 = beta_t the bound tends to the data's negative log-likelihood as T grows (the gap
-    falls roughly as 1/T); with sigma^2 = beta tilde it is never below it either, but a gap of about
-    half a nat stays, because at the data end the true reverse variance is near beta_t, not beta tilde
+    falls as 1/T); with sigma^2 = beta tilde it is never below it either, but a gap of about a nat
+    stays, because at the data end the true reverse variance is near beta_t, not beta tilde
     (which is about beta_t / 2 there at any T). That is why the bound defaults to fixed_large."""
     gaps = {variance: [sum(_expected_bound_nats(NoiseSchedule("cosine", T), m, s, variance) for m, s in GAUSSIAN)
                        - ENTROPY for T in (10, 100, 1000, 10_000)] for variance in ("fixed_large", "fixed_small")}
