@@ -137,3 +137,22 @@ def test_eval_through_the_real_command(runs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "ddpm", "eval", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_fid_mnist_on_an_mnist_run(tmp_path, capsys, monkeypatch, classifier_cache):
+    """An MNIST run barely trained (2 steps) is far from the digits: its FID-MNIST is well above the
+    FID of as many real training digits, and the classifier is sure of few of its samples."""
+    from conftest import MNIST_DIR
+
+    monkeypatch.setenv("DDPM_CACHE", str(classifier_cache))
+    config = build_config("mnist", {"data": {"data_dir": str(MNIST_DIR), "heldout": 0},
+                                    "train": {**TINY_TRAIN, "steps": 2, "checkpoint_every": 2, "warmup": 0}})
+    run_dir = train(config, tmp_path / "mnist", progress=False, log=lambda message: None).run_dir
+    code, out, err = _eval(capsys, str(run_dir), "--metric", "fid-mnist", "--num", "64", "--sampler", "ddim",
+                           "--steps", "4", "--json", str(tmp_path / "fid.json"))
+    assert code == 0, err
+    fid = json.loads((tmp_path / "fid.json").read_text())["metrics"]["fid-mnist"]
+    assert fid["classifier_test_accuracy"] >= 0.99 and fid["samples"] == 64
+    assert fid["fid"] > 10 * fid["fid_of_real_digits"] > 0
+    assert len(fid["class_histogram"]) == 10 and sum(fid["class_histogram"]) == pytest.approx(1.0, abs=1e-3)
+    assert 0 <= fid["confident_fraction"] < 0.5
