@@ -86,9 +86,16 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
     result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
                    changed=changed, progress=not given.get("quiet", False))
-    print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {result.loss:.4f}; "
-          f"checkpoint {result.checkpoint}; samples in {result.run_dir / 'samples'}")
+    if _is_main_process():
+        print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {result.loss:.4f}; "
+              f"checkpoint {result.checkpoint}; samples in {result.run_dir / 'samples'}")
     return 0
+
+
+def _is_main_process() -> bool:
+    """False in the processes torchrun starts besides rank 0: they stay quiet about what every process
+    agrees on (the result, a stop, a bad setting), so the user reads each message once."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _fresh_run_dir(base: Path) -> Path:
@@ -384,7 +391,7 @@ _COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "presets": _pres
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ddpm`` command; returns the exit code (errors are printed in one line)."""
     from ddpm.checkpoint import CheckpointError
-    from ddpm.training import TrainingStopped
+    from ddpm.training import ProcessGroupFailed, TrainingStopped
 
     try:
         args = build_parser().parse_args(argv)
@@ -393,10 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return BAD_INPUT
         return _COMMANDS[args.command](args)
     except TrainingStopped as stop:
-        print(f"ddpm: {stop}", file=sys.stderr)
+        if _is_main_process() or isinstance(stop, ProcessGroupFailed):  # a failure each survivor reports
+            print(f"ddpm: {stop}", file=sys.stderr)
         return stop.exit_code
     except (UsageError, CheckpointError, ValueError) as error:
-        print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
+        if _is_main_process():
+            print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
         print("ddpm: interrupted", file=sys.stderr)

@@ -5,7 +5,9 @@ Everything random in a step comes from generators whose states are checkpointed:
 (a permutation and a cursor), the timesteps and noise (one generator on the training device) and
 dropout (torch's global generator). A run resumed from a checkpoint therefore takes exactly the
 steps an uninterrupted run would have taken. Every step draws the whole global batch's examples,
-timesteps and noise, so the batch does not depend on how it is split into micro-batches.
+timesteps and noise, so the batch does not depend on how it is split into micro-batches or over
+processes: under torchrun each process trains on its slice of the global batch (see distributed.py)
+and N processes take the same steps as one.
 
     result = train(build_config("square"), "runs/square")
 """
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ddpm import checkpoint as ckpt
+from ddpm import distributed
 from ddpm.config import Config, config_from_dict, config_to_dict
 from ddpm.data import DATASETS, Dataset, load_dataset, random_hflip
 from ddpm.diffusion import sample_timesteps, training_loss
@@ -41,17 +44,18 @@ from ddpm.schedule import NoiseSchedule
 from ddpm.visualize import save_grid, scatter_png
 
 __all__ = [
-    "train", "TrainResult", "TrainingStopped", "Interrupted", "NonFiniteLoss", "RunDirError",
+    "train", "TrainResult", "TrainingStopped", "Interrupted", "NonFiniteLoss", "ProcessGroupFailed", "RunDirError",
     "resolve_device", "build_schedule", "build_model_for", "load_training_data", "DataOrder",
     "RESUMABLE_FIELDS",
 ]
 
 FORMAT_VERSION = 1
 
-# Fields a resumed run may change: they decide when to stop and what to write, not what is computed.
+# Fields a resumed run may change: they decide when to stop and what to write, not what is computed
+# (grad_accum, like the number of processes, changes only the order in which gradients are added).
 RESUMABLE_FIELDS = {
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.sample_every", "train.tensorboard", "train.wandb", "train.device", "train.compile",
+    "train.sample_every", "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.grad_accum",
     "sample.sampler", "sample.sample_steps", "sample.eta", "sample.clip", "sample.num_samples",
 }
 
@@ -78,6 +82,16 @@ class NonFiniteLoss(TrainingStopped):
                          f"try a lower --lr or --grad-clip")
 
 
+class ProcessGroupFailed(TrainingStopped):
+    """A collective failed: another process died or hung, or the network broke."""
+
+    def __init__(self, step: int, rank: int, error: BaseException, last_checkpoint: Path | None):
+        first_line = distributed.describe(error)
+        kept = (f"the last checkpoint is {last_checkpoint}; continue with: ddpm train --resume --out "
+                f"{last_checkpoint.parent.parent}" if last_checkpoint is not None else "no checkpoint had been written yet")
+        super().__init__(f"process group failed at step {step} on rank {rank} (a process died?): {first_line}; {kept}")
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (one line for the user)."""
 
@@ -93,7 +107,10 @@ class TrainResult:
 
 # --- building the pieces --------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: distributed.World = distributed.SINGLE) -> torch.device:
+    """The device ``train.device`` names; under torchrun "auto" and "cuda" mean this process's GPU."""
+    if world.active and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)  # one GPU per process
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -375,11 +392,22 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
 
     changed: the config fields the user set explicitly; on resume only ``RESUMABLE_FIELDS`` may differ
     from the saved run. Raises Interrupted on SIGINT/SIGTERM (after writing a checkpoint),
-    NonFiniteLoss on a nan/inf loss (writing nothing), ValueError for unusable settings.
+    NonFiniteLoss on a nan/inf loss (writing nothing), ValueError for unusable settings. Under torchrun
+    every process calls this; rank 0 alone writes, and ProcessGroupFailed says when another process died.
     """
+    world = distributed.World.from_env()
+    device = resolve_device(config.train.device, world)
+    with distributed.process_group(world, device):  # none for a single process
+        return _train(config, Path(run_dir), world, device, resume=resume, overwrite=overwrite,
+                      changed=changed, progress=progress and world.is_main,
+                      log=log if world.is_main else lambda message: None)
+
+
+def _train(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
+           overwrite: bool, changed: set[str] | None, progress: bool, log: Callable[[str], None]) -> TrainResult:
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    resuming = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    _check_shares(config, world)
+    resuming = world.on_main(lambda: prepare_run_dir(run_dir, resume=resume, overwrite=overwrite), device)
     checkpoint = None
     notes: list[str] = []  # shown once everything is set up, so a failing setup prints one line only
     if resuming:
@@ -387,38 +415,43 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
         config = check_resume_config(config_from_dict(saved["config"], where=str(run_dir / "config.json")),
                                      config, changed or set())
         checkpoint = ckpt.latest_checkpoint(run_dir)
+        _check_shares(config, world)
     elif resume:
         notes.append(f"nothing to resume in {run_dir}: starting a new run")
 
-    device = resolve_device(config.train.device)
-    dataset, heldout, data_notes = load_training_data(config)
+    with world.main_first():  # one download per machine
+        dataset, heldout, data_notes = load_training_data(config)
     notes += data_notes
+    t_cfg = config.train
     schedule = build_schedule(config).to(device)
-    model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=config.train.seed).to(device)
+    model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=t_cfg.seed).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     data = dataset.data.to(device)
-    order = DataOrder(len(dataset), config.train.seed)
-    noise_generator = torch.Generator(device).manual_seed(config.train.seed + 1)
-    torch.manual_seed(config.train.seed + 2)  # dropout
+    order = DataOrder(len(dataset), t_cfg.seed)
+    noise_generator = torch.Generator(device).manual_seed(t_cfg.seed + 1)
+    torch.manual_seed(t_cfg.seed + 2)  # dropout
     metadata = run_metadata(config, model, dataset)
     step = 0
     if checkpoint is not None:
         step = _restore(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
         notes.append(f"resuming {run_dir} from {checkpoint.name}")
-    elif not resuming:
+    elif not resuming and world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(run_dir / "config.json", metadata)
-    if step > config.train.steps:
-        raise RunDirError(f"the run is already at step {step}, past train.steps = {config.train.steps}; "
+    if step > t_cfg.steps:
+        raise RunDirError(f"the run is already at step {step}, past train.steps = {t_cfg.steps}; "
                           f"give a larger --steps to train longer")
+    if world.active:
+        notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
+                     f"(global batch {t_cfg.batch_size})")
 
-    metrics = Metrics(run_dir, config, step, notes)
+    metrics = Metrics(run_dir, config, step, notes) if world.is_main else _NoMetrics()
     for note in notes:
         log(note)
-    train_model = torch.compile(model) if config.train.compile else model
-    t_cfg = config.train
-    micro = t_cfg.batch_size // t_cfg.grad_accum
+    shared_model = world.wrap(model, device)  # sums gradients over the processes in backward
+    train_model = torch.compile(shared_model) if t_cfg.compile else shared_model
+    micro = t_cfg.batch_size // (world.size * t_cfg.grad_accum)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
     window = _Window(device)
     last_checkpoint = checkpoint
@@ -426,29 +459,35 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
                dynamic_ncols=True, file=sys.stderr)
 
     def save() -> Path:
-        tensors, state = _training_state(optimizer, order, noise_generator)
-        return ckpt.save_checkpoint(run_dir, step, model=model, ema_model=ema_model, tensors=tensors,
-                                    state={**state, "step": step}, config=metadata, keep=t_cfg.keep_checkpoints)
+        if world.is_main:
+            tensors, state = _training_state(optimizer, order, noise_generator)
+            ckpt.save_checkpoint(run_dir, step, model=model, ema_model=ema_model, tensors=tensors,
+                                 state={**state, "step": step}, config=metadata, keep=t_cfg.keep_checkpoints)
+        world.barrier()  # no process leaves (or is stopped by torchrun) while rank 0 is writing
+        return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
     try:
         with _StopSignals() as stop:
             model.train()
             while step < t_cfg.steps:
                 x0, t, noise = draw_batch(data, order, noise_generator, schedule, t_cfg.batch_size, config.data.hflip)
+                mine = world.share(t_cfg.batch_size)  # every process drew the global batch; it trains on its slice
+                x0, t, noise = x0[mine], t[mine], noise[mine]
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = learning_rate(config, step)
                 per_example = []
                 for i in range(t_cfg.grad_accum):
                     part = slice(i * micro, (i + 1) * micro)
-                    with autocast:
+                    with autocast, world.accumulating(shared_model, last=i == t_cfg.grad_accum - 1):
                         losses = training_loss(train_model, schedule, x0[part], t=t[part], noise=noise[part],
                                                prediction=config.diffusion.prediction,
                                                weighting=None if config.diffusion.weighting == "none"
                                                else config.diffusion.weighting, reduction="none")
-                    (losses.sum() / t_cfg.batch_size).backward()
+                        # The processes' gradients are averaged: scaling by their number makes it the global sum.
+                        (losses.sum() * world.size / t_cfg.batch_size).backward()
                     per_example.append(losses.detach())
                 losses = torch.cat(per_example)
-                loss = losses.mean().item()
+                loss = world.mean_loss(losses, t_cfg.batch_size)
                 if not math.isfinite(loss):
                     raise NonFiniteLoss(step + 1, loss, last_checkpoint)
                 grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
@@ -457,12 +496,12 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
                 optimizer.zero_grad(set_to_none=True)
                 update_ema(ema_model, model, ema_decay(config, step))
                 step += 1
-                window.add(losses, t, schedule.num_steps, grad_norm)
+                window.add(losses, t, schedule.num_steps, grad_norm, t_cfg.batch_size)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
                 if step % t_cfg.log_every == 0 or step == t_cfg.steps:
-                    values = window.flush(t_cfg.batch_size)
+                    values = window.flush(t_cfg.batch_size, world)
                     values["lr"] = optimizer.param_groups[0]["lr"]
                     if t_cfg.eval_every and heldout is not None and (step % t_cfg.eval_every == 0 or step == t_cfg.steps):
                         values.update(heldout_losses(model, ema_model, schedule, heldout, config))
@@ -470,18 +509,40 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
                     metrics.log(step, values)
                 if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
                     last_checkpoint = save()
-                if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps:
+                if world.is_main and ((t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps):
                     save_samples(ema_model, schedule, config, dataset, run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
-                if stop.received is not None:
+                stop_signal = world.agree_signal(stop.received, device)  # every process stops at the same step
+                if stop_signal is not None:
                     if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
                         last_checkpoint = save()
-                    raise Interrupted(stop.received, step, last_checkpoint)
+                    raise Interrupted(stop_signal, step, last_checkpoint)
             if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
                 last_checkpoint = save()  # e.g. resuming a run that was already complete
+    except Exception as error:
+        if world.active and distributed.is_failure(error):
+            raise ProcessGroupFailed(step, world.rank, error, last_checkpoint) from None
+        raise
     finally:
         bar.close()
         metrics.close()
     return TrainResult(run_dir, step, last_checkpoint, window.last_loss, time.perf_counter() - started)
+
+
+def _check_shares(config: Config, world: distributed.World) -> None:
+    t_cfg = config.train
+    if t_cfg.batch_size % (world.size * t_cfg.grad_accum):
+        raise ValueError(f"train.batch_size = {t_cfg.batch_size} (the global batch) must be divisible by the number "
+                         f"of processes times train.grad_accum = {world.size} x {t_cfg.grad_accum}")
+
+
+class _NoMetrics:
+    """What processes other than rank 0 log to: nothing."""
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Window:
@@ -500,21 +561,25 @@ class _Window:
         self.grad_norm_sum = torch.zeros((), device=self.device)
         self.steps = 0
 
-    def add(self, losses: Tensor, t: Tensor, num_steps: int, grad_norm: Tensor | None) -> None:
+    def add(self, losses: Tensor, t: Tensor, num_steps: int, grad_norm: Tensor | None, batch_size: int) -> None:
+        """losses, t: this process's examples of a global batch of ``batch_size``."""
         losses = losses.float()
-        self.loss_sum += losses.mean()
+        self.loss_sum += losses.sum() / batch_size
         quarter = (t * 4 // num_steps).clamp(max=3)
         self.quarter_sum.index_add_(0, quarter, losses)
         self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
         if grad_norm is not None:
-            self.grad_norm_sum += grad_norm.float()
+            self.grad_norm_sum += grad_norm.float()  # the same on every process (of the summed gradient)
         self.steps += 1
 
-    def flush(self, batch_size: int) -> dict[str, float]:
+    def flush(self, batch_size: int, world: distributed.World = distributed.SINGLE) -> dict[str, float]:
+        """The window's means over the global batches (summed over the processes: one all-reduce)."""
+        sums = world.sum_(torch.cat([self.loss_sum.view(1), self.quarter_sum, self.quarter_count]))
+        loss_sum, quarter_sum, quarter_count = sums[0], sums[1:5], sums[5:]
         elapsed = time.perf_counter() - self._clock
-        loss = (self.loss_sum / self.steps).item()
-        quarters = (self.quarter_sum / self.quarter_count.clamp(min=1)).tolist()
-        values = {"loss": loss, **{f"loss_q{i}": q for i, q in enumerate(quarters) if self.quarter_count[i] > 0},
+        loss = (loss_sum / self.steps).item()
+        quarters = (quarter_sum / quarter_count.clamp(min=1)).tolist()
+        values = {"loss": loss, **{f"loss_q{i}": q for i, q in enumerate(quarters) if quarter_count[i] > 0},
                   "grad_norm": (self.grad_norm_sum / self.steps).item(),
                   "examples_per_s": self.steps * batch_size / max(elapsed, 1e-9)}
         self.last_loss = loss

@@ -1,0 +1,183 @@
+"""Several processes under torchrun: the process group, this process's rank, its share of the batch,
+and the few points where the processes must agree.
+
+    torchrun --standalone --nproc_per_node=8 -m ddpm train --preset cifar10 --batch-size 128
+
+Every process draws the whole global batch (examples, timesteps, noise) from the shared seeded
+generators and trains on its contiguous slice, so the batch does not depend on the number of
+processes. Gradients are summed over the processes (DistributedDataParallel averages, so each process
+scales its loss by the world size), which makes the update the one a single process would compute, up
+to the order of floating-point additions.
+
+Without torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) no process group is created and every
+helper here does nothing: a single process runs exactly as it always did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["World", "SINGLE", "launched", "process_group", "is_failure", "DEFAULT_TIMEOUT_S"]
+
+# How long a collective waits for a slow process before failing. It bounds how long the others wait
+# for a process that hangs (a process that dies is noticed at once by gloo, and torchrun stops the
+# others); it must exceed the longest thing one process does alone (writing a checkpoint).
+DEFAULT_TIMEOUT_S = 1800
+T = TypeVar("T")
+
+
+class ElsewhereError(ValueError):
+    """Rank 0 failed at a step every process waits for; rank 0 prints the reason."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of one training job."""
+
+    rank: int = 0  # 0 .. size-1 over all machines; rank 0 writes checkpoints, logs and samples
+    size: int = 1  # number of processes (torchrun's WORLD_SIZE)
+    local_rank: int = 0  # index on this machine: the GPU this process uses
+    active: bool = False  # a process group exists (launched by torchrun, even with one process)
+
+    @staticmethod
+    def from_env() -> "World":
+        if not launched():
+            return SINGLE
+        return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                     int(os.environ.get("LOCAL_RANK", "0")), active=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch_size: int) -> slice:
+        """This process's contiguous slice of a global batch of ``batch_size`` examples."""
+        per_process = batch_size // self.size
+        return slice(self.rank * per_process, (self.rank + 1) * per_process)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model whose backward sums gradients over the processes (the model itself when alone)."""
+        if not self.active:
+            return model
+        # The buffers never change in training (every rank holds the same), so they are not re-sent each step.
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                   forward_sync_buffers=False)
+
+    def accumulating(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's forward and backward: gradients are exchanged only after the last."""
+        if self.active and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def mean_loss(self, losses: Tensor, batch_size: int) -> float:
+        """The global batch's mean loss from this process's per-example ``losses`` (one all-reduce)."""
+        if not self.active:
+            return losses.mean().item()
+        total = losses.detach().float().sum()
+        dist.all_reduce(total)
+        return total.item() / batch_size
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the processes, in place."""
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def agree_signal(self, received: int | None, device: torch.device) -> int | None:
+        """The stop signal any process received (the same answer on every process), or None."""
+        if not self.active:
+            return received
+        flag = torch.tensor(received or 0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def on_main(self, task: Callable[[], bool], device: torch.device) -> bool:
+        """Run ``task`` on rank 0 alone (e.g. preparing the run directory); every process gets its answer.
+
+        When it fails, rank 0 raises its error and the others raise ElsewhereError, so no one waits.
+        """
+        if not self.active:
+            return task()
+        answer, error = 0, None
+        if self.is_main:
+            try:
+                answer = 1 if task() else 0
+            except Exception as failure:  # re-raised below, after the others have been told
+                answer, error = 2, failure
+        code = torch.tensor(answer, device=device)
+        dist.broadcast(code, src=0)
+        if error is not None:
+            raise error
+        if int(code.item()) == 2:
+            raise ElsewhereError("rank 0 failed (its message says why)")
+        return bool(code.item())
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 of each machine goes first (e.g. downloading data), the others after it is done."""
+        if self.active and self.local_rank != 0:
+            dist.barrier()
+        yield
+        if self.active and self.local_rank == 0:
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """Whether torchrun (or srun with the same variables) started this process."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """The process group for ``world`` (NCCL on CUDA, gloo on CPU) while the block runs; nothing when alone."""
+    if not world.active or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    failed = False
+    try:
+        yield
+    except BaseException as error:
+        failed = is_failure(error) or (error.__context__ is not None and is_failure(error.__context__))
+        raise
+    finally:
+        if not failed:  # after a failed collective the group may not shut down cleanly; exiting frees it
+            dist.destroy_process_group()
+
+
+def is_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed: a process died, hung past the timeout, or the network broke."""
+    if isinstance(error, dist.DistError):
+        return True
+    # Some backends raise a plain RuntimeError; theirs start with the source location in the backend.
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
+
+
+def describe(error: BaseException) -> str:
+    """The gist of a backend's error in one short line: no source location, no advice paragraph."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)  # "[/…/gloo/transport/tcp/pair.cc:537] "
+    first = re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".")
+    return first[:200]
