@@ -41,7 +41,8 @@ IMAGES = {
 }
 
 
-def run(launcher: list[str], *args: str, cwd: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(launcher: list[str], *args: str, cwd: Path, check: bool = True,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     result = subprocess.run([*launcher, "train", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:

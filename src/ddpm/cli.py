@@ -95,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
 def _is_main_process() -> bool:
     """False in the processes torchrun starts besides rank 0: they stay quiet about what every process
     agrees on (the result, a stop, a bad setting), so the user reads each message once."""
-    return os.environ.get("RANK", "0") == "0"
+    return os.environ.get("RANK", "0") == "0" or "MASTER_ADDR" not in os.environ  # as distributed.launched()
 
 
 def _fresh_run_dir(base: Path) -> Path:
@@ -391,6 +391,7 @@ _COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "presets": _pres
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ddpm`` command; returns the exit code (errors are printed in one line)."""
     from ddpm.checkpoint import CheckpointError
+    from ddpm.distributed import RankError
     from ddpm.training import ProcessGroupFailed, TrainingStopped
 
     try:
@@ -404,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ddpm: {stop}", file=sys.stderr)
         return stop.exit_code
     except (UsageError, CheckpointError, ValueError) as error:
-        if _is_main_process():
+        if _is_main_process() or isinstance(error, RankError):  # what every process raises, rank 0 says
             print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:

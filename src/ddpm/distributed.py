@@ -37,7 +37,11 @@ T = TypeVar("T")
 
 
 class ElsewhereError(ValueError):
-    """Rank 0 failed at a step every process waits for; rank 0 prints the reason."""
+    """Another process failed at a step every process waits for; that process prints the reason."""
+
+
+class RankError(ValueError):
+    """This process (not rank 0) failed where the others did not: reported by this process itself."""
 
 
 @dataclass(frozen=True)
@@ -106,34 +110,39 @@ class World:
             dist.barrier()
 
     def on_main(self, task: Callable[[], bool], device: torch.device) -> bool:
-        """Run ``task`` on rank 0 alone (e.g. preparing the run directory); every process gets its answer.
-
-        When it fails, rank 0 raises its error and the others raise ElsewhereError, so no one waits.
-        """
+        """Run ``task`` on rank 0 alone (e.g. preparing the run directory); every process gets its answer."""
         if not self.active:
             return task()
-        answer, error = 0, None
-        if self.is_main:
-            try:
-                answer = 1 if task() else 0
-            except Exception as failure:  # re-raised below, after the others have been told
-                answer, error = 2, failure
-        code = torch.tensor(answer, device=device)
-        dist.broadcast(code, src=0)
-        if error is not None:
-            raise error
-        if int(code.item()) == 2:
-            raise ElsewhereError("rank 0 failed (its message says why)")
-        return bool(code.item())
+        return bool(self._together(task, self.is_main, device))
 
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Rank 0 of each machine goes first (e.g. downloading data), the others after it is done."""
-        if self.active and self.local_rank != 0:
-            dist.barrier()
-        yield
-        if self.active and self.local_rank == 0:
-            dist.barrier()
+    def machine_first(self, task: Callable[[], T], device: torch.device) -> T:
+        """``task`` (e.g. loading data, which may download it) on each machine's first process, then on the others."""
+        if not self.active:
+            return task()
+        first = self._together(task, self.local_rank == 0, device)
+        return first if self.local_rank == 0 else task()
+
+    def _together(self, task: Callable[[], T], runs_it: bool, device: torch.device) -> T | None:
+        """``task()`` where ``runs_it``; when it fails on any process, every process raises at once
+        (instead of waiting at the next collective), and rank 0's answer (0 or 1) reaches every process."""
+        result, error = None, None
+        if runs_it:
+            try:
+                result = task()
+            except Exception as failure:  # re-raised below, once the others know
+                error = failure
+        # [1 + the rank that failed, rank 0's answer]; MAX over the processes
+        state = torch.tensor([self.rank + 1 if error is not None else 0,
+                              int(bool(result)) if self.is_main else 0], device=device)
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        failed, answer = (int(v) for v in state.tolist())
+        if error is not None:
+            if self.is_main:
+                raise error
+            raise RankError(f"rank {self.rank}: {' '.join(str(error).split()) or type(error).__name__}") from error
+        if failed:
+            raise ElsewhereError(f"rank {failed - 1} failed; its message says why")
+        return result if self.is_main or runs_it else answer  # type: ignore[return-value]
 
 
 SINGLE = World()

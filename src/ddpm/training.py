@@ -88,7 +88,8 @@ class ProcessGroupFailed(TrainingStopped):
     def __init__(self, step: int, rank: int, error: BaseException, last_checkpoint: Path | None):
         first_line = distributed.describe(error)
         kept = (f"the last checkpoint is {last_checkpoint}; continue with: ddpm train --resume --out "
-                f"{last_checkpoint.parent.parent}" if last_checkpoint is not None else "no checkpoint had been written yet")
+                f"{last_checkpoint.parent.parent}" if last_checkpoint is not None
+                else "no checkpoint had been written yet")
         super().__init__(f"process group failed at step {step} on rank {rank} (a process died?): {first_line}; {kept}")
 
 
@@ -419,8 +420,8 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     elif resume:
         notes.append(f"nothing to resume in {run_dir}: starting a new run")
 
-    with world.main_first():  # one download per machine
-        dataset, heldout, data_notes = load_training_data(config)
+    # Each machine's first process loads (and downloads) the data before the others: one download per machine.
+    dataset, heldout, data_notes = world.machine_first(lambda: load_training_data(config), device)
     notes += data_notes
     t_cfg = config.train
     schedule = build_schedule(config).to(device)
