@@ -1,0 +1,444 @@
+"""ddpm against Hugging Face diffusers on the same work, side by side in one process (docs/performance.md).
+
+    pip install -c constraints.txt -e '.[bench]'      # diffusers, for this script only
+    python benchmarks/compare_diffusers.py [--threads 2] [--only mnist cifar sampling]
+                                           [--precision fp32 bf16] [--json FILE] [--quick]
+
+What is compared (each pair has the same parameter count; the script prints both FLOP counts):
+  mnist     training steps of a small U-Net on 1x28x28, batch 64: diffusers' UNet2DModel with block
+            channels (32, 64, 64), one layer per block, attention at 14x14 (1.1M parameters) against
+            ddpm's `unet-mnist` with attention moved from 7x7 to 14x14 to match it;
+  cifar     training steps of the paper's CIFAR-10 U-Net on 3x32x32, batch 32: diffusers' UNet2DModel
+            with the google/ddpm-cifar10-32 config against ddpm's `unet-cifar10` (both 35.7M);
+  sampling  the small U-Net, batch 16: DDIM with 50 steps (eta 0, diffusers' DDIMScheduler loop
+            against ddpm.sample), and DDPM with 1000 steps, of which only the first --ddpm-steps are
+            run and the time is extrapolated to 1000 (every step does the same work).
+
+A training step is what each library's documentation writes: noise the clean batch at the drawn
+timesteps (diffusers: scheduler.add_noise; ddpm: ddpm.training_loss), forward, MSE against the
+noise, backward, AdamW step, zero the gradients. Both sides get the same batches, timesteps and
+noise, train mode (dropout 0.1 on both) and the same AdamW settings; bf16 puts forward and loss
+under torch.autocast("cpu", torch.bfloat16) on both sides.
+
+Timing: each side is warmed up, then the two alternate for --rounds rounds (A then B, then B then
+A, ...), so that a change in the machine's load hits both alike; each round times one training step
+or one whole sampling run per side. Reported: the median per side, the spread (min-max) and the
+speed-up ddpm/diffusers = diffusers' median time / ddpm's (above 1: ddpm is faster).
+
+FLOPs per training step come from torch.utils.flop_counter.FlopCounterMode on one step of each model
+(convolutions, matmuls and attention; norms, activations and the optimiser are not counted). torch
+2.13 has no formula for the CPU flash-attention kernel that diffusers' attention runs on, so this
+script adds one (the one torch uses for the other attention kernels); without it diffusers' attention
+would count as zero. The machine's peak is measured in the same run: the best of several large
+square matmuls in fp32 and in bf16, before and after the comparison; each training step's achieved
+FLOP/s is shown as a fraction of the larger of the two measurements in its precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import ddpm
+from ddpm.models import build_model
+
+# The small U-Net of the comparison (UNet2DModel keyword arguments). Besides what the issue fixes
+# (block channels, one layer per block, attention at 14x14), the choices follow google/ddpm-cifar10-32:
+# single-head attention, positional embedding without flip and with freq_shift 1, eps 1e-6. Eight
+# GroupNorm groups as in ddpm's unet-mnist (groups change neither parameters nor FLOPs).
+DIFFUSERS_MNIST = dict(
+    sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_num_groups=8, norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False,
+    downsample_padding=0, dropout=0.1, time_embedding_type="positional", act_fn="silu")
+# ddpm's side: the unet-mnist preset (the same architecture and parameter count) with attention at
+# 14x14 like the diffusers model above, instead of the preset's 7x7.
+DDPM_MNIST = dict(attention_resolutions=(14,))
+
+# google/ddpm-cifar10-32's UNet2DModel config (its config.json on the Hugging Face Hub), with the
+# paper's dropout 0.1 (the Hub file says 0.0 since it holds weights for inference).
+DIFFUSERS_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False,
+    downsample_padding=0, dropout=0.1, time_embedding_type="positional", act_fn="silu", mid_block_scale_factor=1)
+
+NUM_STEPS = 1000  # T, both sides: linear betas 1e-4 .. 0.02
+LR = 2e-4
+
+
+class Settings(NamedTuple):
+    mnist_batch: int
+    cifar_batch: int
+    sample_batch: int
+    ddim_steps: int
+    ddpm_steps: int  # steps of the 1000-step DDPM walk actually run
+    warmup: int
+    rounds: int
+    sampling_rounds: int
+    matmul_size: int
+
+
+FULL = Settings(mnist_batch=64, cifar_batch=32, sample_batch=16, ddim_steps=50, ddpm_steps=100,
+                warmup=2, rounds=7, sampling_rounds=3, matmul_size=2048)
+QUICK = Settings(mnist_batch=8, cifar_batch=2, sample_batch=2, ddim_steps=5, ddpm_steps=5,
+                 warmup=1, rounds=2, sampling_rounds=2, matmul_size=512)
+
+
+# --- FLOPs and the machine's peak ------------------------------------------------------------------
+
+# The CPU flash-attention kernel (what F.scaled_dot_product_attention runs on a CPU when the last
+# dimension of q, k, v is contiguous) has no formula in torch 2.13's flop counter; its shapes and
+# arithmetic are those of the other fused attention kernels. (The counter passes shapes for tensors.)
+def _flash_cpu_flops(query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _flash_cpu_backward_flops(grad_out, query, key, value, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of ``repeats`` (n x n) @ (n x n) products in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    for _ in range(2):
+        torch.mm(a, b)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --- the two sides ---------------------------------------------------------------------------------
+
+def diffusers_unet(config: dict[str, Any], seed: int) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**config)
+
+
+class Batch(NamedTuple):
+    x0: Tensor  # (B, C, H, W) in [-1, 1]
+    t: Tensor  # (B,) in 0..T-1
+    noise: Tensor  # (B, C, H, W)
+
+
+def batches(shape: tuple[int, ...], count: int, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [Batch(torch.rand(shape, generator=g) * 2 - 1, torch.randint(0, NUM_STEPS, (shape[0],), generator=g),
+                  torch.randn(shape, generator=g)) for _ in range(count)]
+
+
+def ddpm_train_step(model: nn.Module, schedule: ddpm.NoiseSchedule, optimizer: torch.optim.Optimizer,
+                    batch: Batch, autocast: torch.autocast) -> None:
+    with autocast:
+        loss = ddpm.training_loss(model, schedule, batch.x0, t=batch.t, noise=batch.noise)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def diffusers_train_step(model: nn.Module, scheduler: Any, optimizer: torch.optim.Optimizer,
+                         batch: Batch, autocast: torch.autocast) -> None:
+    # As in diffusers' unconditional training example.
+    noisy = scheduler.add_noise(batch.x0, batch.noise, batch.t)
+    with autocast:
+        pred = model(noisy, batch.t, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), batch.noise)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ddpm_sampler(model: nn.Module, schedule: ddpm.NoiseSchedule, shape: tuple[int, ...], sampler: str,
+                 steps: int, run_steps: int) -> Callable[[], None]:
+    """One sampling run of ``steps`` steps, stopped after the first ``run_steps`` of them."""
+
+    class Enough(Exception):
+        pass
+
+    def stop_early(step: ddpm.sampling.SamplerStep) -> None:
+        if step.index + 1 == run_steps:
+            raise Enough
+
+    def run() -> None:
+        g = torch.Generator().manual_seed(1)
+        try:
+            ddpm.sample(model, schedule, shape, sampler=sampler, steps=steps, generator=g,
+                        clip_denoised=sampler == "ddpm", callback=stop_early if run_steps < steps else None)
+        except Enough:
+            pass
+    return run
+
+
+def diffusers_sampler(model: nn.Module, shape: tuple[int, ...], sampler: str, steps: int,
+                      run_steps: int) -> Callable[[], None]:
+    """The loop of diffusers' DDPMPipeline / DDIMPipeline, over the first ``run_steps`` of ``steps``."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if sampler == "ddim":
+        scheduler = DDIMScheduler(num_train_timesteps=NUM_STEPS, beta_schedule="linear", clip_sample=False)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=NUM_STEPS, beta_schedule="linear", clip_sample=True)
+
+    @torch.no_grad()
+    def run() -> None:
+        g = torch.Generator().manual_seed(1)
+        scheduler.set_timesteps(steps)
+        x = torch.randn(shape, generator=g)
+        for t in scheduler.timesteps[:run_steps]:
+            eps = model(x, t).sample
+            if sampler == "ddim":
+                x = scheduler.step(eps, t, x, eta=0.0, generator=g).prev_sample
+            else:
+                x = scheduler.step(eps, t, x, generator=g).prev_sample
+    return run
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+class Comparison(NamedTuple):
+    ddpm_s: list[float]  # seconds per timed unit, one per round
+    diffusers_s: list[float]
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.diffusers_s) / statistics.median(self.ddpm_s)
+
+
+def alternate(ours: Callable[[], Any], theirs: Callable[[], Any], warmup: int, rounds: int) -> Comparison:
+    """Warm both up, then time them in alternating order: ours first in even rounds, theirs in odd."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    ours_s, theirs_s = [], []
+    for i in range(rounds):
+        if i % 2 == 0:
+            ours_s.append(_seconds(ours))
+            theirs_s.append(_seconds(theirs))
+        else:
+            theirs_s.append(_seconds(theirs))
+            ours_s.append(_seconds(ours))
+    return Comparison(ours_s, theirs_s)
+
+
+# --- the comparisons -------------------------------------------------------------------------------
+
+def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...],
+                     precision: str, settings: Settings) -> dict[str, Any]:
+    from diffusers import DDPMScheduler
+
+    schedule = ddpm.NoiseSchedule("linear", NUM_STEPS)
+    scheduler = DDPMScheduler(num_train_timesteps=NUM_STEPS, beta_schedule="linear")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    ours.train()
+    theirs.train()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=LR)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=LR)
+    data = batches(shape, 4)
+    next_ours, next_theirs = (itertools.cycle(data) for _ in range(2))  # both sides see the same sequence
+
+    def step_ours() -> None:
+        ddpm_train_step(ours, schedule, opt_ours, next(next_ours), autocast)
+
+    def step_theirs() -> None:
+        diffusers_train_step(theirs, scheduler, opt_theirs, next(next_theirs), autocast)
+
+    flops_ours, flops_theirs = count_flops(step_ours), count_flops(step_theirs)
+    result = alternate(step_ours, step_theirs, settings.warmup, settings.rounds)
+    return {
+        "work": f"train {name}", "precision": precision, "batch": shape[0], "unit": "images/s",
+        "params_ddpm": _params(ours), "params_diffusers": _params(theirs),
+        "flops_per_image_ddpm": flops_ours / shape[0], "flops_per_image_diffusers": flops_theirs / shape[0],
+        "seconds_ddpm": result.ddpm_s, "seconds_diffusers": result.diffusers_s, "speedup": result.speedup,
+    }
+
+
+def compare_sampling(sampler: str, steps: int, run_steps: int, ours: nn.Module, theirs: nn.Module,
+                     shape: tuple[int, ...], settings: Settings) -> dict[str, Any]:
+    ours.eval()
+    theirs.eval()
+    schedule = ddpm.NoiseSchedule("linear", NUM_STEPS)
+    result = alternate(ddpm_sampler(ours, schedule, shape, sampler, steps, run_steps),
+                       diffusers_sampler(theirs, shape, sampler, steps, run_steps),
+                       1, settings.sampling_rounds)
+    scale = steps / run_steps  # extrapolation from the steps run to the whole walk
+    return {
+        "work": f"sample {sampler.upper()}-{steps}", "precision": "fp32", "batch": shape[0], "unit": "s/image",
+        "steps_run": run_steps, "steps": steps,
+        "seconds_ddpm": [s * scale for s in result.ddpm_s],
+        "seconds_diffusers": [s * scale for s in result.diffusers_s], "speedup": result.speedup,
+    }
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return {"cpu": cpu, "features": features, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def table(rows: list[dict[str, Any]], peak: dict[str, float]) -> str:
+    lines = ["| work | precision | batch | ddpm | diffusers | speed-up ddpm/diffusers | GFLOP/img ddpm / diffusers "
+             "| % of matmul peak ddpm / diffusers |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        med = {side: statistics.median(row[f"seconds_{side}"]) for side in ("ddpm", "diffusers")}
+        if row["unit"] == "images/s":
+            cells = {side: _rate(row["batch"], row[f"seconds_{side}"]) + " img/s" for side in med}
+            flops = {side: row[f"flops_per_image_{side}"] for side in med}
+            gflop = f"{flops['ddpm'] / 1e9:.3f} / {flops['diffusers'] / 1e9:.3f}"
+            frac = " / ".join(f"{100 * flops[s] * row['batch'] / med[s] / peak[row['precision']]:.0f}%" for s in med)
+        else:
+            cells = {side: _per_image(row["batch"], row[f"seconds_{side}"]) + " s/img" for side in med}
+            gflop = frac = ""
+        lines.append(f"| {row['work']} | {row['precision']} | {row['batch']} | {cells['ddpm']} | "
+                     f"{cells['diffusers']} | **{row['speedup']:.2f}x** | {gflop} | {frac} |")
+    return "\n".join(lines)
+
+
+def _rate(batch: int, seconds: list[float]) -> str:
+    rates = sorted(batch / s for s in seconds)
+    return f"{statistics.median(rates):.1f} ({rates[0]:.1f}-{rates[-1]:.1f})"
+
+
+def _per_image(batch: int, seconds: list[float]) -> str:
+    per = sorted(s / batch for s in seconds)
+    return f"{statistics.median(per):.3f} ({per[0]:.3f}-{per[-1]:.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--only", nargs="+", choices=("mnist", "cifar", "sampling"),
+                        default=["mnist", "cifar", "sampling"], help="which comparisons (default: all)")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                        help="training precisions (default: both); sampling is fp32")
+    parser.add_argument("--rounds", type=int, help="alternating timed rounds per training comparison (default 7)")
+    parser.add_argument("--ddpm-steps", type=int, help="steps of the 1000-step DDPM walk to run (default 100)")
+    parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny batches and rounds: a smoke test of the script, not a measurement")
+    args = parser.parse_args()
+    try:
+        import diffusers
+    except ImportError:
+        parser.exit(2, "compare_diffusers.py needs diffusers: pip install -c constraints.txt -e '.[bench]'\n")
+    settings = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        settings = settings._replace(rounds=args.rounds)
+    if args.ddpm_steps is not None:
+        settings = settings._replace(ddpm_steps=args.ddpm_steps)
+    torch.set_num_threads(args.threads)
+    info = {**machine(), "diffusers": diffusers.__version__, "settings": settings._asdict(),
+            "loadavg_before": load_average()}
+    print(f"{info['cpu']} ({', '.join(info['features'])}), torch {info['torch']}, diffusers {info['diffusers']}, "
+          f"{info['threads']} threads; load average before: {info['loadavg_before']}"
+          + ("; --quick: a smoke test, not a measurement" if args.quick else ""), flush=True)
+
+    peaks_before = {p: matmul_peak(settings.matmul_size, d) for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    rows = []
+    mnist_shape = (1, 28, 28)
+    if "mnist" in args.only:
+        for precision in args.precision:
+            rows.append(compare_training(
+                "unet-mnist (1.1M)", build_model("unet-mnist", seed=0, **DDPM_MNIST),
+                diffusers_unet(DIFFUSERS_MNIST, 0), (settings.mnist_batch, *mnist_shape), precision, settings))
+            print(f"  done: {rows[-1]['work']} {precision}", flush=True)
+    if "cifar" in args.only:
+        for precision in args.precision:
+            rows.append(compare_training(
+                "unet-cifar10 (35.7M)", build_model("unet-cifar10", seed=0), diffusers_unet(DIFFUSERS_CIFAR10, 0),
+                (settings.cifar_batch, 3, 32, 32), precision, settings))
+            print(f"  done: {rows[-1]['work']} {precision}", flush=True)
+    if "sampling" in args.only:
+        ours, theirs = build_model("unet-mnist", seed=0, **DDPM_MNIST), diffusers_unet(DIFFUSERS_MNIST, 0)
+        shape = (settings.sample_batch, *mnist_shape)
+        rows.append(compare_sampling("ddim", settings.ddim_steps, settings.ddim_steps, ours, theirs, shape, settings))
+        print(f"  done: {rows[-1]['work']}", flush=True)
+        rows.append(compare_sampling("ddpm", NUM_STEPS, settings.ddpm_steps, ours, theirs, shape, settings))
+        print(f"  done: {rows[-1]['work']}", flush=True)
+    peaks_after = {p: matmul_peak(settings.matmul_size, d) for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = {p: max(peaks_before[p], peaks_after[p]) for p in peaks_before}
+    info.update(loadavg_after=load_average(), matmul_peak_before=peaks_before, matmul_peak_after=peaks_after)
+
+    print()
+    print(table(rows, peak))
+    print()
+    n = settings.matmul_size
+    print(f"Matmul peak ({n}x{n}, best of 10), before / after: "
+          + "; ".join(f"{p} {peaks_before[p] / 1e9:.0f} / {peaks_after[p] / 1e9:.0f} GFLOP/s" for p in peak)
+          + f". Load average after: {info['loadavg_after']}.")
+    described = set()
+    for row in rows:
+        if row["work"] in described:
+            continue
+        described.add(row["work"])
+        if "params_ddpm" in row:
+            print(f"{row['work']}: parameters ddpm {row['params_ddpm']:,}, diffusers {row['params_diffusers']:,}; "
+                  f"FLOPs per image per step ddpm/diffusers = "
+                  f"{row['flops_per_image_ddpm'] / row['flops_per_image_diffusers']:.4f}")
+        else:
+            print(f"{row['work']}: {row['steps_run']} of {row['steps']} steps run, times scaled by "
+                  f"{row['steps'] / row['steps_run']:g}")
+    print("Cells: median (min-max) over the alternating rounds; speed-up = diffusers' median time / ddpm's.")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
