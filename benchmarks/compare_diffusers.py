@@ -435,6 +435,13 @@ def main() -> None:
         else:
             print(f"{row['work']}: {row['steps_run']} of {row['steps']} steps run, times scaled by "
                   f"{row['steps'] / row['steps_run']:g}")
+    by_precision = {(row["work"], row["precision"]): row for row in rows if "params_ddpm" in row}
+    for (work, precision), row in by_precision.items():
+        fp32 = by_precision.get((work, "fp32"))
+        if precision == "bf16" and fp32 is not None:
+            # ddpm with bf16 autocast against diffusers as it trains by default (fp32).
+            cross = statistics.median(fp32["seconds_diffusers"]) / statistics.median(row["seconds_ddpm"])
+            print(f"{work}: ddpm bf16 against diffusers fp32: {cross:.2f}x")
     print("Cells: median (min-max) over the alternating rounds; speed-up = diffusers' median time / ddpm's.")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
