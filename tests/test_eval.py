@@ -156,3 +156,23 @@ def test_fid_mnist_on_an_mnist_run(tmp_path, capsys, monkeypatch, classifier_cac
     assert fid["fid"] > 10 * fid["fid_of_real_digits"] > 0
     assert len(fid["class_histogram"]) == 10 and sum(fid["class_histogram"]) == pytest.approx(1.0, abs=1e-3)
     assert 0 <= fid["confident_fraction"] < 0.5
+
+
+def test_cifar10_preset_run_gets_bpd_on_its_test_split(tmp_path, capsys):
+    """The cifar10 preset (its network shrunk, T = 20) on stand-in CIFAR-10 batches: eval defaults to
+    bits/dim, read from the test batch, and measures exactly the examples it holds (3 of them)."""
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar")
+    config = build_config("cifar10", {
+        "data": {"data_dir": str(tmp_path / "cifar"), "heldout": 2},
+        "model": {"overrides": {"ch": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+                                "num_groups": 8}},
+        "diffusion": {"num_steps": 20}, "sample": {"sample_steps": 5, "num_samples": 4},
+        "train": {**TINY_TRAIN, "steps": 2, "checkpoint_every": 2, "warmup": 0}})
+    run_dir = train(config, tmp_path / "run", progress=False, log=lambda message: None).run_dir
+    code, out, err = _eval(capsys, str(run_dir), "--heldout", "50", "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    bpd = json.loads((tmp_path / "e.json").read_text())["metrics"]["bpd"]
+    assert list(json.loads((tmp_path / "e.json").read_text())["metrics"]) == ["bpd"]
+    assert bpd["examples"] == 3 and 0 < bpd["bpd"] < 30
