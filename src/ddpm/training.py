@@ -332,7 +332,8 @@ def _line_step(line: str) -> int:
 class _StopSignals:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: distributed.World = distributed.SINGLE) -> None:
+        self.world = world
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -345,9 +346,14 @@ class _StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, error: BaseException | None, traceback: Any) -> None:
+        # When a collective failed, the launcher (torchrun) is already stopping the other processes with
+        # SIGTERM. Restoring the default handler would let that signal kill this process before it has
+        # reported the failure in one line, so from here on the signals are ignored: the process exits by
+        # itself right after its report (and torchrun kills it anyway if it ever hung).
+        ending = error is not None and self.world.active and distributed.is_failure(error)
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if ending else handler)
 
 
 # --- one step -------------------------------------------------------------------------------------
@@ -468,7 +474,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
         return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
     try:
-        with _StopSignals() as stop:
+        with _StopSignals(world) as stop:
             model.train()
             while step < t_cfg.steps:
                 x0, t, noise = draw_batch(data, order, noise_generator, schedule, t_cfg.batch_size, config.data.hflip)
