@@ -1,6 +1,7 @@
 """Evaluation: how good a trained run is, measured offline.
 
-- ``metrics``: Frechet distance of feature statistics, energy distance of point sets, error to the square.
+- ``metrics``: Frechet distance of feature statistics, energy distance of point sets, error to the square,
+  and the batched feature pass the feature networks share.
 - ``inception``: the InceptionV3 network behind FID (its weights file is supplied by the user).
 - ``classifier``: ddpm's own MNIST classifier, trained once and cached, for FID-MNIST.
 - ``evaluate``: :func:`evaluate_run`, behind ``ddpm eval``.

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from ddpm.checkpoint import CheckpointError, _fsync_dir, _fsync_file, load_weights, read_json, write_json
 from ddpm.data import load_dataset
 from ddpm.data.download import default_cache_dir
+from ddpm.evaluation.metrics import in_batches
 
 __all__ = [
     "FEATURE_DIM", "NUM_CLASSES", "RECIPE_VERSION", "ClassifierRecipe", "RECIPE", "CACHE_ENV",
@@ -251,14 +252,7 @@ def _device_of(model: Callable[[Tensor], Tensor]) -> torch.device:
 
 def _batched_logits(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int) -> Tensor:
     """model(images) in batches on the model's device -> float32 logits (N, 10) on the CPU."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = _device_of(model)
-    chunks: list[Tensor] = []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            chunks.append(model(images[start:start + batch_size].to(device)).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, NUM_CLASSES)
+    return in_batches(model, images, batch_size, _device_of(model), NUM_CLASSES)
 
 
 def classifier_accuracy(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor,
@@ -278,15 +272,7 @@ def mnist_features(model: MnistClassifier, images: Tensor, batch_size: int = 500
     ``batch_size`` on the model's device under ``torch.inference_mode``. Images are not clipped:
     clamp samples to [-1, 1] first if the sampler can leave that range.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = _device_of(model)
-    chunks: list[Tensor] = []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            chunks.append(model.features(images[start:start + batch_size].to(device)).float().cpu())
-    # Concatenated outside inference mode, so callers get an ordinary tensor.
-    return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM)
+    return in_batches(model.features, images, batch_size, _device_of(model), FEATURE_DIM)
 
 
 class ClassifierView(NamedTuple):

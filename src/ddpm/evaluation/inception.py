@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddpm.evaluation.metrics import in_batches
+
 __all__ = [
     "InceptionWeightsError", "INCEPTION_WEIGHTS_ENV", "INCEPTION_WEIGHTS_FILENAME", "INCEPTION_WEIGHTS_URL",
     "INCEPTION_WEIGHTS_SHA256", "INCEPTION_INPUT_SIZE", "FEATURE_DIM", "FIDInceptionV3", "prepare_inception_input",
@@ -430,17 +432,6 @@ def inception_features(model: nn.Module, images: Tensor, batch_size: int = 50) -
     Runs ``model`` (usually from :func:`load_inception`) in batches of ``batch_size`` on the
     model's device, under ``torch.inference_mode``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    device = next(model.parameters()).device
-    chunks: list[Tensor] = []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start:start + batch_size].to(device)
-            chunks.append(model(batch).float().cpu())
-    if not chunks:
-        return torch.empty(0, FEATURE_DIM)
-    # Concatenated outside inference mode, so callers get an ordinary tensor they can use anywhere.
-    return torch.cat(chunks)
+    return in_batches(model, images, batch_size, next(model.parameters()).device, FEATURE_DIM)
