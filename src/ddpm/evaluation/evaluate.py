@@ -97,10 +97,10 @@ class _Evaluation:
 
     def check(self, metric: str) -> None:
         """Refuse, before any expensive work, a metric this run's data cannot have."""
-        needs = {"energy": "points", "gradient": "gradients", "square": "square", "fid-mnist": "mnist"}
+        needs = {"gradient": "gradients", "square": "square", "fid-mnist": "mnist"}  # the data each is made for
         if metric == "energy" and self.run.kind != "points":
             raise ValueError("the energy metric compares point sets; this run's data are images")
-        if metric in ("gradient", "square", "fid-mnist") and self.source != needs[metric]:
+        if metric in needs and self.source != needs[metric]:
             raise ValueError(f"the {metric} metric needs a run trained on {needs[metric]}; this run's data is "
                              f"{self.run.config.data.source!r}")
         if metric == "fid-mnist" and tuple(self.run.sample_shape) != (1, 28, 28):
