@@ -367,7 +367,12 @@ def test_wandb_offline_logs_what_metrics_jsonl_holds(tmp_path, monkeypatch):
     result = training.train(_tiny_points_config(wandb=True), tmp_path / "run", progress=False, log=lambda m: None)
     files = list((result.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    logged = {int(row["_step"]): row for row in _wandb_history(files[0])}
+    # wandb's own service process writes the file; on a busy machine it may still be writing when
+    # finish() has returned (seen once in a full CI run), so give it up to 30 s to catch up.
+    deadline = time.monotonic() + 30
+    while len(rows := _wandb_history(files[0])) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logged = {int(row["_step"]): row for row in rows}
     written = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(logged) == [row["step"] for row in written] == [3, 6]
     for row in written:
