@@ -390,6 +390,21 @@ _COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "presets": _pres
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ddpm`` command; returns the exit code (errors are printed in one line)."""
+    from ddpm.distributed import launched
+
+    code = _run(argv)
+    if launched():
+        # Under torchrun, once everything is written, flushed and the process group is gone, the
+        # process ends here without running the interpreter's teardown: there, torch's C++ objects
+        # left from a gloo group occasionally abort the process ("terminate called without an
+        # active exception", SIGABRT) after a run that succeeded, turning its exit code into a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from ddpm.checkpoint import CheckpointError
     from ddpm.distributed import RankError
     from ddpm.training import ProcessGroupFailed, TrainingStopped
