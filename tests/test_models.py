@@ -367,3 +367,43 @@ def test_sinusoidal_embedding_odd_dim_and_distinct_rows():
     emb = sinusoidal_embedding(torch.arange(1000), 7)
     assert emb.shape == (1000, 7) and torch.equal(emb[:, -1], torch.zeros(1000))
     assert torch.cdist(emb, emb).add(torch.eye(1000)).amin() > 1e-3  # every timestep is told apart
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_block_equals_softmax_attention_written_out(memory_format):
+    # The block applies its 1x1 convs as matrix products and attention through a fused kernel; here
+    # is the formula position by position in float64: q = Wq n + bq etc., softmax(q k^T / sqrt(C)) v.
+    from ddpm.models.unet import AttentionBlock
+
+    block = randomize_(AttentionBlock(16, num_groups=4, zero_init=True)).double()
+    x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    n = torch.nn.functional.group_norm(x, 4, block.norm.weight, block.norm.bias, block.norm.eps)
+    tokens = n.flatten(2).transpose(1, 2)  # (B, 30, 16)
+    wq, wk, wv = block.qkv.weight[:, :, 0, 0].chunk(3)
+    bq, bk, bv = block.qkv.bias.chunk(3)
+    q, k, v = tokens @ wq.T + bq, tokens @ wk.T + bk, tokens @ wv.T + bv
+    weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(16), dim=-1)  # (B, 30, 30), rows sum to 1
+    out = (weights @ v) @ block.proj_out.weight[:, :, 0, 0].T + block.proj_out.bias
+    expected = x + out.transpose(1, 2).reshape(x.shape)
+    with torch.no_grad():
+        got = block.to(memory_format=memory_format)(x.contiguous(memory_format=memory_format))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_zeroes_with_probability_p_and_scales_the_rest():
+    from ddpm.models.unet import Dropout
+
+    p, n = 0.1, 1_000_000
+    x = torch.full((n,), 2.0)
+    torch.manual_seed(0)
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    # The number dropped is Binomial(n, p): sd = sqrt(n p (1 - p)) = 300; allow 5 sd.
+    assert abs((~kept).sum().item() - n * p) < 5 * math.sqrt(n * p * (1 - p))
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2.0 / (1 - p)))  # E[y] = x
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(p).train()(x), y), "the mask comes from the global generator"
+    assert torch.equal(Dropout(p).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    # Channels-last input keeps its layout (the U-Nets' activations).
+    image = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert Dropout(p).train()(image).is_contiguous(memory_format=torch.channels_last)
