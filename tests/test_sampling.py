@@ -265,3 +265,20 @@ def test_public_names():
     for name in ["NoiseSchedule", "q_sample", "q_sample_iterative", "sample", "training_loss",
                  "q_posterior_mean_variance", "ddim_invert", "slerp"]:
         assert hasattr(ddpm, name)
+
+
+def test_samplers_run_without_autograd_and_return_ordinary_tensors(schedule):
+    # The walk runs in inference mode (no autograd records); what comes back is an ordinary tensor,
+    # so the caller can still change it in place or use it where autograd runs.
+    seen = []
+
+    def model(x, t):
+        seen.append(torch.is_inference_mode_enabled())
+        return torch.zeros_like(x)
+
+    x = sample(model, schedule, (2, 2), steps=3, generator=torch.Generator().manual_seed(0))
+    z = ddim_invert(model, schedule, x, steps=3)
+    assert seen == [True] * 6
+    for out in (x, z):
+        assert not out.is_inference() and not out.requires_grad
+        out.clamp_(-1, 1)  # an inference tensor would refuse this outside inference mode

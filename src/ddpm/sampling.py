@@ -124,7 +124,6 @@ def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-@torch.no_grad()
 def sample(
     model: Model,
     schedule: NoiseSchedule,
@@ -154,42 +153,44 @@ def sample(
     The callback receives a ``SamplerStep`` after every step.
     """
     _check_options(schedule, sampler, eta, variance, prediction)
-    shape = _check_shape(shape)
-    timesteps = timestep_sequence(schedule.num_steps, steps, spacing)
-    coefs = step_coefficients(schedule, timesteps)
-    if sampler == "ddim":
-        noise_std = eta * coefs.posterior_variance.sqrt()
-    elif variance == "fixed_small":
-        noise_std = coefs.posterior_variance.sqrt()
-    else:
-        noise_std = coefs.beta.sqrt()
-    device = schedule.device
-    if noise is None:
-        x = torch.randn(shape, generator=generator, device=device)
-    elif tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {shape}; got {tuple(noise.shape)}")
-    else:
-        x = noise.to(device, torch.float32)
-    stochastic = sampler == "ddpm" or eta > 0.0
-
-    for i, t in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress)):
-        t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        pred_x0, pred_eps = denoise(schedule, model(x, t_batch), x, t_batch, prediction, clip_denoised)
-        last = i == len(timesteps) - 1
-        # Algorithm 2, line 3: no noise is added on the final step (t = 0 here, t = 1 in the paper).
-        z = torch.randn(shape, generator=generator, device=device) if stochastic and not last else None
-        if sampler == "ddpm":
-            x_prev = ddpm_step(x, pred_x0, coefs.posterior_coef1[i], coefs.posterior_coef2[i],
-                               noise_std[i].square(), z)
+    # Inference mode: no autograd bookkeeping at all. The result is cloned outside it, so the caller
+    # gets an ordinary tensor (an inference tensor cannot be changed in place afterwards).
+    with torch.inference_mode():
+        shape = _check_shape(shape)
+        timesteps = timestep_sequence(schedule.num_steps, steps, spacing)
+        coefs = step_coefficients(schedule, timesteps)
+        if sampler == "ddim":
+            noise_std = eta * coefs.posterior_variance.sqrt()
+        elif variance == "fixed_small":
+            noise_std = coefs.posterior_variance.sqrt()
         else:
-            x_prev = ddim_step(pred_x0, pred_eps, coefs.alpha_bar_prev[i], noise_std[i], z)
-        if callback is not None:
-            callback(SamplerStep(i, t, x, pred_x0, x_prev))
-        x = x_prev
-    return x
+            noise_std = coefs.beta.sqrt()
+        device = schedule.device
+        if noise is None:
+            x = torch.randn(shape, generator=generator, device=device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}; got {tuple(noise.shape)}")
+        else:
+            x = noise.to(device, torch.float32)
+        stochastic = sampler == "ddpm" or eta > 0.0
+
+        for i, t in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress)):
+            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+            pred_x0, pred_eps = denoise(schedule, model(x, t_batch), x, t_batch, prediction, clip_denoised)
+            last = i == len(timesteps) - 1
+            # Algorithm 2, line 3: no noise is added on the final step (t = 0 here, t = 1 in the paper).
+            z = torch.randn(shape, generator=generator, device=device) if stochastic and not last else None
+            if sampler == "ddpm":
+                x_prev = ddpm_step(x, pred_x0, coefs.posterior_coef1[i], coefs.posterior_coef2[i],
+                                   noise_std[i].square(), z)
+            else:
+                x_prev = ddim_step(pred_x0, pred_eps, coefs.alpha_bar_prev[i], noise_std[i], z)
+            if callback is not None:
+                callback(SamplerStep(i, t, x, pred_x0, x_prev))
+            x = x_prev
+    return x.clone()
 
 
-@torch.no_grad()
 def ddim_invert(
     model: Model,
     schedule: NoiseSchedule,
@@ -209,23 +210,24 @@ def ddim_invert(
     ``sample(..., sampler="ddim", noise=ddim_invert(...))`` reconstructs x0.
     """
     check_choice("prediction", prediction, PREDICTIONS)
-    timesteps = timestep_sequence(schedule.num_steps, steps, spacing)[::-1]
-    table = schedule.alphas_cumprod_float64()
-    x = x0.to(schedule.device, torch.float32)
-    alpha_bar_prev = torch.ones((), dtype=torch.float64)
-    zero = torch.zeros((), device=schedule.device)
-    for i, t in enumerate(tqdm(timesteps, desc="DDIM inversion", disable=not progress)):
-        t_batch = torch.full((x.shape[0],), t, device=schedule.device, dtype=torch.long)
-        pred_eps = denoise(schedule, model(x, t_batch), x, t_batch, prediction).pred_eps
-        # x0 estimate at the current level alpha_bar_prev (eq. 4 solved for x0), then eq. 12 with
-        # sigma = 0 towards the noisier level alpha_bar_t.
-        a_prev = alpha_bar_prev.to(schedule.device, torch.float32)
-        pred_x0 = (x - (1.0 - a_prev).sqrt() * pred_eps) / a_prev.sqrt()
-        x_next = ddim_step(pred_x0, pred_eps, table[t].to(schedule.device, torch.float32), zero, None)
-        if callback is not None:
-            callback(SamplerStep(i, t, x, pred_x0, x_next))
-        x, alpha_bar_prev = x_next, table[t]
-    return x
+    with torch.inference_mode():  # as in sample()
+        timesteps = timestep_sequence(schedule.num_steps, steps, spacing)[::-1]
+        table = schedule.alphas_cumprod_float64()
+        x = x0.to(schedule.device, torch.float32)
+        alpha_bar_prev = torch.ones((), dtype=torch.float64)
+        zero = torch.zeros((), device=schedule.device)
+        for i, t in enumerate(tqdm(timesteps, desc="DDIM inversion", disable=not progress)):
+            t_batch = torch.full((x.shape[0],), t, device=schedule.device, dtype=torch.long)
+            pred_eps = denoise(schedule, model(x, t_batch), x, t_batch, prediction).pred_eps
+            # x0 estimate at the current level alpha_bar_prev (eq. 4 solved for x0), then eq. 12 with
+            # sigma = 0 towards the noisier level alpha_bar_t.
+            a_prev = alpha_bar_prev.to(schedule.device, torch.float32)
+            pred_x0 = (x - (1.0 - a_prev).sqrt() * pred_eps) / a_prev.sqrt()
+            x_next = ddim_step(pred_x0, pred_eps, table[t].to(schedule.device, torch.float32), zero, None)
+            if callback is not None:
+                callback(SamplerStep(i, t, x, pred_x0, x_next))
+            x, alpha_bar_prev = x_next, table[t]
+    return x.clone()
 
 
 def slerp(z0: Tensor, z1: Tensor, weight: float) -> Tensor:
