@@ -379,3 +379,34 @@ def test_wandb_offline_logs_what_metrics_jsonl_holds(tmp_path, monkeypatch):
         for key, value in row.items():
             if key != "step":
                 assert logged[row["step"]][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_fast_path_trains_the_weights_of_the_plain_path(tmp_path):
+    # channels-last activations and fused AdamW (the defaults) against PyTorch's default layout and
+    # AdamW's per-tensor loop: other kernels, other rounding, the same training. Dropout is off, since
+    # its masks come from the same generator but are drawn for differently laid-out tensors.
+    from ddpm import training
+
+    def config(fast: bool):
+        return build_config("square-fast", {
+            "model": {"preset": "unet", "dropout": 0.0,
+                      "overrides": {"ch": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "num_groups": 8,
+                                    "attention_resolutions": [4]}},
+            "diffusion": {"num_steps": 50},
+            "train": {"steps": 8, "batch_size": 16, "warmup": 0, "checkpoint_every": 8, "sample_every": 0,
+                      "eval_every": 0, "log_every": 4, "tensorboard": False, "channels_last": fast, "fused_optimizer": fast},
+            "sample": {"sample_steps": 5, "num_samples": 4}})
+
+    runs = {fast: training.train(config(fast), tmp_path / str(fast), progress=False, log=lambda m: None)
+            for fast in (False, True)}
+    plain, fast = ddpm.load(runs[False].run_dir), ddpm.load(runs[True].run_dir)
+    assert fast.model.mid_block1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.model.mid_block1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    moved = 0.0
+    initial = ddpm.models.build_model_from_dict(json.loads((runs[False].run_dir / "config.json").read_text())["model"],
+                                                seed=0)
+    for (name, p), q, p0 in zip(plain.model.named_parameters(), fast.model.parameters(), initial.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=2e-5, msg=name)
+        moved = max(moved, (p - p0).abs().max().item())
+    assert moved > 1e-3, "the weights hardly moved: the comparison says nothing"
+    assert runs[True].loss == pytest.approx(runs[False].loss, rel=1e-4)

@@ -89,6 +89,8 @@ class TrainConfig:
     ema_warmup: bool = _field(True, "use min(decay, (1 + n) / (10 + n)) so early EMA weights are not stale")
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs the model under bf16 autocast")
     compile: bool = _field(False, "torch.compile the model")
+    channels_last: bool = _field(True, "keep the U-Nets' activations channels-last (faster; equal up to rounding)")
+    fused_optimizer: bool = _field(True, "AdamW's fused kernel (fewer passes over the weights; equal up to rounding)")
     seed: int = _field(0, "seed of weights, data order, timesteps and noise")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")
     log_every: int = _field(50, "write metrics.jsonl every this many steps")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, config_from_dict
-from ddpm.models import build_model_from_dict
+from ddpm.models import build_model_from_dict, use_channels_last
 from ddpm.sampling import SamplerStep, sample
 from ddpm.schedule import NoiseSchedule
 
@@ -98,6 +98,9 @@ def load(path: str | Path, *, device: torch.device | str = "cpu") -> Run:
         raise ckpt.CheckpointError(f"{checkpoint / 'config.json'}: cannot rebuild the model ({error})") from None
     ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
     ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
+    if config.train.channels_last:  # sample in the layout the run trained in (faster for the U-Nets)
+        use_channels_last(model)
+        use_channels_last(ema_model)
     state = ckpt.read_json(checkpoint / "state.json", "training state")
     run = Run(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
               sample_shape, int(state.get("step", 0)), checkpoint)

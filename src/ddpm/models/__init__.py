@@ -27,7 +27,7 @@ from ddpm.models.unet import SmallUNet, SmallUNetConfig, UNet, UNetConfig
 
 __all__ = [
     "PRESETS", "build_model", "build_model_from_dict", "model_config_dict", "preset_config", "model_from_config",
-    "unwrap_model",
+    "unwrap_model", "use_channels_last",
     "ToyMLP", "ToyMLPConfig", "ResidualMLP", "ResidualMLPConfig", "SmallUNet", "SmallUNetConfig",
     "UNet", "UNetConfig", "SinusoidalEmbedding", "sinusoidal_embedding",
 ]
@@ -168,3 +168,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Store a U-Net's weights channels-last (NHWC), in place; other networks are left as they are.
+
+    Convolutions then run in the layout oneDNN (CPU) and cuDNN's tensor-core kernels (GPU) work in,
+    without a conversion before and after each one: a first convolution with channels-last weights
+    returns channels-last activations, and every later layer keeps them so. Inputs need no change.
+    Outputs equal those of the default layout up to float rounding (tests/test_models.py).
+    """
+    if isinstance(unwrap_model(model), (UNet, SmallUNet)):
+        model.to(memory_format=torch.channels_last)
+    return model
