@@ -51,7 +51,9 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import ddpm
-from ddpm.models import build_model
+from ddpm.config import build_config
+from ddpm.models import build_model, use_channels_last
+from ddpm.training import build_optimizer
 
 # The small U-Net of the comparison (UNet2DModel keyword arguments). Besides what the issue fixes
 # (block channels, one layer per block, attention at 14x14), the choices follow google/ddpm-cifar10-32:
@@ -140,6 +142,11 @@ def _seconds(fn: Callable[[], Any]) -> float:
 
 
 # --- the two sides ---------------------------------------------------------------------------------
+
+def ddpm_unet(preset: str, **overrides: Any) -> nn.Module:
+    """ddpm's network as `ddpm train` and `ddpm.load` lay it out by default (train.channels_last)."""
+    return use_channels_last(build_model(preset, seed=0, **overrides))
+
 
 def diffusers_unet(config: dict[str, Any], seed: int) -> nn.Module:
     from diffusers import UNet2DModel
@@ -265,8 +272,10 @@ def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     ours.train()
     theirs.train()
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=LR)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=LR)
+    # Each side's optimiser as its training code builds it: ddpm's (fused AdamW by default) and
+    # PyTorch's default AdamW in diffusers' examples; the same hyper-parameters on both sides.
+    opt_ours = build_optimizer(ours, build_config("mnist", {"train": {"lr": LR, "weight_decay": 0.01}}))
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=LR, weight_decay=0.01)
     data = batches(shape, 4)
     next_ours, next_theirs = (itertools.cycle(data) for _ in range(2))  # both sides see the same sequence
 
@@ -396,17 +405,17 @@ def main() -> None:
     if "mnist" in args.only:
         for precision in args.precision:
             rows.append(compare_training(
-                "unet-mnist (1.1M)", build_model("unet-mnist", seed=0, **DDPM_MNIST),
+                "unet-mnist (1.1M)", ddpm_unet("unet-mnist", **DDPM_MNIST),
                 diffusers_unet(DIFFUSERS_MNIST, 0), (settings.mnist_batch, *mnist_shape), precision, settings))
             print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "cifar" in args.only:
         for precision in args.precision:
             rows.append(compare_training(
-                "unet-cifar10 (35.7M)", build_model("unet-cifar10", seed=0), diffusers_unet(DIFFUSERS_CIFAR10, 0),
+                "unet-cifar10 (35.7M)", ddpm_unet("unet-cifar10"), diffusers_unet(DIFFUSERS_CIFAR10, 0),
                 (settings.cifar_batch, 3, 32, 32), precision, settings))
             print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "sampling" in args.only:
-        ours, theirs = build_model("unet-mnist", seed=0, **DDPM_MNIST), diffusers_unet(DIFFUSERS_MNIST, 0)
+        ours, theirs = ddpm_unet("unet-mnist", **DDPM_MNIST), diffusers_unet(DIFFUSERS_MNIST, 0)
         shape = (settings.sample_batch, *mnist_shape)
         rows.append(compare_sampling("ddim", settings.ddim_steps, settings.ddim_steps, ours, theirs, shape, settings))
         print(f"  done: {rows[-1]['work']}", flush=True)
