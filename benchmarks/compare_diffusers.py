@@ -29,9 +29,14 @@ FLOPs per training step come from torch.utils.flop_counter.FlopCounterMode on on
 (convolutions, matmuls and attention; norms, activations and the optimiser are not counted). torch
 2.13 has no formula for the CPU flash-attention kernel that diffusers' attention runs on, so this
 script adds one (the one torch uses for the other attention kernels); without it diffusers' attention
-would count as zero. The machine's peak is measured in the same run: the best of several large
-square matmuls in fp32 and in bf16, before and after the comparison; each training step's achieved
-FLOP/s is shown as a fraction of the larger of the two measurements in its precision.
+would count as zero. The machine's peak is measured in the same run, in fp32 and in bf16, before and
+after the comparison: the best of several large matrix products, each done two ways (torch.mm, which
+runs in MKL, and a 1x1 convolution, which runs in oneDNN like the networks' convolutions); each
+training step's achieved FLOP/s is shown as a fraction of the best of these in its precision.
+
+ddpm's side is laid out and optimised as `ddpm train` does by default: channels-last U-Nets (except
+in bf16 on a CPU), fused AdamW; diffusers' side as its training example does: default layout and
+PyTorch's default AdamW.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import ddpm
 from ddpm.config import build_config
 from ddpm.models import build_model, use_channels_last
-from ddpm.training import build_optimizer
+from ddpm.training import build_optimizer, wants_channels_last
 
 # The small U-Net of the comparison (UNet2DModel keyword arguments). Besides what the issue fixes
 # (block channels, one layer per block, attention at 14x14), the choices follow google/ddpm-cifar10-32:
@@ -135,6 +140,25 @@ def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
+def conv_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of ``repeats`` 1x1 convolutions from n to n channels over 8x32x32 positions:
+    the same matrix product as torch.mm, but run by oneDNN, the library behind CPU convolutions
+    (torch.mm runs in MKL, which on some CPUs, AMD's among them, does not reach the machine's peak)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, n, 32, 32, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        F.conv2d(x, w)
+    best = min(_seconds(lambda: F.conv2d(x, w)) for _ in range(repeats))
+    return 2 * 8 * 32 * 32 * n * n / best
+
+
+def machine_peak(n: int) -> dict[str, dict[str, float]]:
+    """The best matmul FLOP/s per precision: {"fp32": {"mm": ..., "conv1x1": ...}, "bf16": {...}}."""
+    return {p: {"mm": matmul_peak(n, d), "conv1x1": conv_peak(n // 2, d)}
+            for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
 def _seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -143,9 +167,12 @@ def _seconds(fn: Callable[[], Any]) -> float:
 
 # --- the two sides ---------------------------------------------------------------------------------
 
-def ddpm_unet(preset: str, **overrides: Any) -> nn.Module:
-    """ddpm's network as `ddpm train` and `ddpm.load` lay it out by default (train.channels_last)."""
-    return use_channels_last(build_model(preset, seed=0, **overrides))
+def ddpm_unet(preset: str, precision: str = "fp32", **overrides: Any) -> nn.Module:
+    """ddpm's network laid out as `ddpm train` does by default for ``precision`` on a CPU
+    (training.wants_channels_last: channels-last, except in bf16); `ddpm.load` samples channels-last."""
+    model = build_model(preset, seed=0, **overrides)
+    config = build_config("mnist", {"train": {"precision": precision}})
+    return use_channels_last(model) if wants_channels_last(config, torch.device("cpu")) else model
 
 
 def diffusers_unet(config: dict[str, Any], seed: int) -> nn.Module:
@@ -399,19 +426,19 @@ def main() -> None:
           f"{info['threads']} threads; load average before: {info['loadavg_before']}"
           + ("; --quick: a smoke test, not a measurement" if args.quick else ""), flush=True)
 
-    peaks_before = {p: matmul_peak(settings.matmul_size, d) for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks_before = machine_peak(settings.matmul_size)
     rows = []
     mnist_shape = (1, 28, 28)
     if "mnist" in args.only:
         for precision in args.precision:
             rows.append(compare_training(
-                "unet-mnist (1.1M)", ddpm_unet("unet-mnist", **DDPM_MNIST),
+                "unet-mnist (1.1M)", ddpm_unet("unet-mnist", precision, **DDPM_MNIST),
                 diffusers_unet(DIFFUSERS_MNIST, 0), (settings.mnist_batch, *mnist_shape), precision, settings))
             print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "cifar" in args.only:
         for precision in args.precision:
             rows.append(compare_training(
-                "unet-cifar10 (35.7M)", ddpm_unet("unet-cifar10"), diffusers_unet(DIFFUSERS_CIFAR10, 0),
+                "unet-cifar10 (35.7M)", ddpm_unet("unet-cifar10", precision), diffusers_unet(DIFFUSERS_CIFAR10, 0),
                 (settings.cifar_batch, 3, 32, 32), precision, settings))
             print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "sampling" in args.only:
@@ -421,17 +448,20 @@ def main() -> None:
         print(f"  done: {rows[-1]['work']}", flush=True)
         rows.append(compare_sampling("ddpm", NUM_STEPS, settings.ddpm_steps, ours, theirs, shape, settings))
         print(f"  done: {rows[-1]['work']}", flush=True)
-    peaks_after = {p: matmul_peak(settings.matmul_size, d) for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    peak = {p: max(peaks_before[p], peaks_after[p]) for p in peaks_before}
+    peaks_after = machine_peak(settings.matmul_size)
+    peak = {p: max(*peaks_before[p].values(), *peaks_after[p].values()) for p in peaks_before}
     info.update(loadavg_after=load_average(), matmul_peak_before=peaks_before, matmul_peak_after=peaks_after)
 
     print()
     print(table(rows, peak))
     print()
     n = settings.matmul_size
-    print(f"Matmul peak ({n}x{n}, best of 10), before / after: "
-          + "; ".join(f"{p} {peaks_before[p] / 1e9:.0f} / {peaks_after[p] / 1e9:.0f} GFLOP/s" for p in peak)
-          + f". Load average after: {info['loadavg_after']}.")
+    print(f"Matmul peak (best of 10; torch.mm {n}x{n} / oneDNN 1x1 conv {n // 2} channels on 8x32x32), "
+          "before, after: " + "; ".join(
+              f"{p} " + ", ".join(f"{b['mm'] / 1e9:.0f} / {b['conv1x1'] / 1e9:.0f}"
+                                  for b in (peaks_before[p], peaks_after[p]))
+              + " GFLOP/s" for p in peak)
+          + f". The % of peak column uses the best of these. Load average after: {info['loadavg_after']}.")
     described = set()
     for row in rows:
         if row["work"] in described:

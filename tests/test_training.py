@@ -394,7 +394,8 @@ def test_fast_path_trains_the_weights_of_the_plain_path(tmp_path):
                                     "attention_resolutions": [4]}},
             "diffusion": {"num_steps": 50},
             "train": {"steps": 8, "batch_size": 16, "warmup": 0, "checkpoint_every": 8, "sample_every": 0,
-                      "eval_every": 0, "log_every": 4, "tensorboard": False, "channels_last": fast, "fused_optimizer": fast},
+                      "eval_every": 0, "log_every": 4, "tensorboard": False,
+                      "channels_last": fast, "fused_optimizer": fast},
             "sample": {"sample_steps": 5, "num_samples": 4}})
 
     runs = {fast: training.train(config(fast), tmp_path / str(fast), progress=False, log=lambda m: None)
@@ -410,3 +411,12 @@ def test_fast_path_trains_the_weights_of_the_plain_path(tmp_path):
         moved = max(moved, (p - p0).abs().max().item())
     assert moved > 1e-3, "the weights hardly moved: the comparison says nothing"
     assert runs[True].loss == pytest.approx(runs[False].loss, rel=1e-4)
+
+
+def test_channels_last_is_the_default_except_bf16_on_a_cpu():
+    from ddpm.training import wants_channels_last
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert wants_channels_last(build_config("mnist"), cpu)
+    assert not wants_channels_last(build_config("mnist", {"train": {"precision": "bf16"}}), cpu)
+    assert wants_channels_last(build_config("mnist", {"train": {"precision": "bf16"}}), cuda)
+    assert not wants_channels_last(build_config("mnist", {"train": {"channels_last": False}}), cuda)

@@ -89,7 +89,7 @@ class TrainConfig:
     ema_warmup: bool = _field(True, "use min(decay, (1 + n) / (10 + n)) so early EMA weights are not stale")
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs the model under bf16 autocast")
     compile: bool = _field(False, "torch.compile the model")
-    channels_last: bool = _field(True, "keep the U-Nets' activations channels-last (faster; equal up to rounding)")
+    channels_last: bool = _field(True, "lay U-Nets out channels-last (faster; same up to rounding; not bf16 on CPU)")
     fused_optimizer: bool = _field(True, "AdamW's fused kernel (fewer passes over the weights; equal up to rounding)")
     seed: int = _field(0, "seed of weights, data order, timesteps and noise")
     device: str = _field("auto", "cpu, cuda, cuda:N or auto")

@@ -44,7 +44,8 @@ from ddpm.visualize import save_grid, scatter_png
 
 __all__ = [
     "train", "TrainResult", "TrainingStopped", "Interrupted", "NonFiniteLoss", "ProcessGroupFailed", "RunDirError",
-    "resolve_device", "build_schedule", "build_model_for", "build_optimizer", "load_training_data", "DataOrder",
+    "resolve_device", "build_schedule", "build_model_for", "build_optimizer", "wants_channels_last",
+    "load_training_data", "DataOrder",
     "RESUMABLE_FIELDS",
 ]
 
@@ -231,6 +232,13 @@ class DataOrder:
         self.perm = tensors["data.perm"].clone()
         self.generator.set_state(tensors["rng.data"])
         self.cursor, self.epoch = int(state["data_cursor"]), int(state["data_epoch"])
+
+
+def wants_channels_last(config: Config, device: torch.device) -> bool:
+    """Whether training lays the U-Nets out channels-last: ``train.channels_last``, except for bf16 on
+    a CPU, where torch 2.13's channels-last GroupNorm in bf16 is about 10x slower than the default
+    layout's and outweighs the faster convolutions (docs/performance.md)."""
+    return config.train.channels_last and not (device.type == "cpu" and config.train.precision == "bf16")
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
@@ -440,7 +448,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     t_cfg = config.train
     schedule = build_schedule(config).to(device)
     model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=t_cfg.seed).to(device)
-    if t_cfg.channels_last:
+    if wants_channels_last(config, device):
         use_channels_last(model)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model, config)
