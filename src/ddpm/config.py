@@ -145,7 +145,7 @@ TRAINING_PRESETS: dict[str, _Preset] = {
          "train": {"steps": 10_000, "batch_size": 128, "lr": 1e-4, "sample_every": 2000, "eval_every": 1000,
                    "checkpoint_every": 2000}}),
     "square-fast": (
-        "the 8x8 square in about a minute and a half: as square, but lr 1e-3 with 100 warm-up steps, 3000 steps",
+        "the 8x8 square in under a minute: as square, but lr 1e-3 with 100 warm-up steps, 3000 steps",
         {"model": {"preset": "unet-small"},
          "data": {"source": "square", "image_size": 8, "channels": 1, "heldout": 1},
          "train": {"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup": 100, "sample_every": 1000,
