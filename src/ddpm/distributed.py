@@ -173,8 +173,9 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         raise
     # Every process finished: tear the group down together. Without the barrier a process that is done
     # first closes its connections while a peer may still be finishing its last collective, and gloo
-    # aborts that peer at exit ("terminate called without an active exception": 2 of 20 two-process
-    # runs on this machine before the barrier, 0 of 30 after).
+    # may abort that peer at exit ("terminate called without an active exception": 2 of 20 two-process
+    # runs on this machine; 1 of 160 with the barrier; cli.main's os._exit does the rest, see
+    # docs/distributed.md).
     dist.barrier()
     dist.destroy_process_group()
 
