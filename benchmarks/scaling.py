@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BATCHES = [4, 8, 16, 32, 64, 128]
@@ -36,6 +34,7 @@ def measure(batch: int, size: int, steps: int, device: str) -> dict[str, float]:
     from ddpm.config import build_config
     from ddpm.models import build_model, use_channels_last
     from ddpm.training import build_optimizer
+    from model_table import median_seconds  # a sibling script: benchmarks/ is on sys.path
 
     model = use_channels_last(build_model("unet-mnist", seed=0, image_size=size,
                                           attention_resolutions=(size // 4,))).to(device).train()
@@ -58,18 +57,13 @@ def measure(batch: int, size: int, steps: int, device: str) -> dict[str, float]:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    step()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+    seconds = median_seconds(step, warmup=1, repeats=steps)
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"batch": batch, "size": size, "seconds_per_step": statistics.median(seconds),
-            "images_per_s": batch / statistics.median(seconds), "memory_mib": (peak - base) / 2**20}
+    return {"batch": batch, "size": size, "seconds_per_step": seconds, "images_per_s": batch / seconds,
+            "memory_mib": (peak - base) / 2**20}
 
 
 def main() -> None:

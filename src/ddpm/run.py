@@ -98,7 +98,7 @@ def load(path: str | Path, *, device: torch.device | str = "cpu") -> Run:
         raise ckpt.CheckpointError(f"{checkpoint / 'config.json'}: cannot rebuild the model ({error})") from None
     ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
     ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
-    if config.train.channels_last:  # sample in the layout the run trained in (faster for the U-Nets)
+    if config.train.channels_last:  # sampling runs in fp32, where channels-last is the faster layout
         use_channels_last(model)
         use_channels_last(ema_model)
     state = ckpt.read_json(checkpoint / "state.json", "training state")

@@ -460,8 +460,6 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     step = 0
     if checkpoint is not None:
         step = _restore(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
-        for group in optimizer.param_groups:  # the checkpoint's groups carry its run's choice
-            group["fused"] = True if t_cfg.fused_optimizer else None
         notes.append(f"resuming {run_dir} from {checkpoint.name}")
     elif not resuming and world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -680,6 +678,8 @@ def _restore(checkpoint: Path, model: nn.Module, ema_model: nn.Module, optimizer
         optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(tensors, state["optimizer"]))
     except (ValueError, KeyError, RuntimeError) as error:
         raise ckpt.CheckpointError(f"{checkpoint}: the optimiser state does not fit the model ({error})") from None
+    for group in optimizer.param_groups:  # the checkpoint's groups carry its run's choice; keep this run's
+        group["fused"] = optimizer.defaults["fused"]
     _lay_out_like_parameters(optimizer)
     order.load_state(tensors, state)
     noise_generator.set_state(tensors["rng.noise"])
