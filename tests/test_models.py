@@ -407,3 +407,52 @@ def test_dropout_zeroes_with_probability_p_and_scales_the_rest():
     # Channels-last input keeps its layout (the U-Nets' activations).
     image = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     assert Dropout(p).train()(image).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_every_residual_block_gets_its_own_timestep_projection():
+    # UNet.timestep_biases makes all blocks' temb_proj(temb) in one product and hands them out in
+    # forward order; a hook on each block checks that what it received is its own projection.
+    from ddpm.models.unet import ResidualBlock
+
+    model = randomize_(build_model("unet", seed=0, ch=16, channel_mult=(1, 2, 2), num_groups=4)).double()
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert len(model.res_blocks_in_order) == len(blocks) == len(set(map(id, model.res_blocks_in_order)))
+    x, t = make_inputs((1, 28, 28), batch=3)
+    temb = torch.nn.functional.silu(model.time_mlp(model.time_embed(t).double()))
+    received = {}
+    for block in blocks:
+        block.register_forward_hook(lambda block, args, out: received.__setitem__(block, args[1]))
+    with torch.no_grad():
+        model(x.double(), t)
+        assert received.keys() == set(blocks)
+        for block in blocks:
+            torch.testing.assert_close(received[block], block.temb_proj(temb), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_uniform_like_draws_independent_uniforms_on_every_thread(threads):
+    from ddpm.models.unet import uniform_like
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.empty(4, 16, 64, 64).contiguous(memory_format=torch.channels_last)  # 2**18 elements
+        torch.manual_seed(3)
+        u = uniform_like(x)
+        torch.manual_seed(3)
+        assert torch.equal(uniform_like(x), u), "the global seed decides every draw"
+    finally:
+        torch.set_num_threads(before)
+    assert u.shape == x.shape and u.is_contiguous(memory_format=torch.channels_last)
+    assert 0 <= u.min() and u.max() < 1
+    # Each thread's slice, in memory order, is U[0, 1): Kolmogorov-Smirnov distance below the 0.1%
+    # critical value 1.95 / sqrt(m), and neighbouring slices are uncorrelated (|r| < 5 / sqrt(m)).
+    slices = u.permute(0, 2, 3, 1).reshape(-1).tensor_split(threads)
+    for part in slices:
+        m = part.numel()
+        ks = (part.sort().values - torch.arange(1, m + 1) / m).abs().max().item()
+        assert ks < 1.95 / math.sqrt(m)
+    for a, b in zip(slices, slices[1:]):
+        n = min(a.numel(), b.numel())
+        r = torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(n)

@@ -7,6 +7,7 @@ Both are called as ``model(x_t, t)`` with x_t (B, C, H, W) and t a LongTensor (B
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -169,10 +170,11 @@ class Dropout(nn.Module):
     """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale
     the rest by 1 / (1 - p); the identity in eval mode. Same law as ``nn.Dropout``, cheaper mask.
 
-    The mask is one ``torch.rand`` draw compared with p (from the global generator, as nn.Dropout),
+    The mask is a U[0, 1) draw compared with p (seeded by the global generator, as nn.Dropout),
     which on a CPU costs less than half of the Bernoulli sampler nn.Dropout uses (54 against 129 ms
-    over 3 unet-mnist steps; that sampler took 10% of a step, docs/performance.md). The masks differ from nn.Dropout's, their
-    law does not (tests/test_models.py).
+    over 3 unet-mnist steps; that sampler took 10% of a step, docs/performance.md), and the draw is
+    spread over the CPU threads (uniform_like). The masks differ from nn.Dropout's, their law does not
+    (tests/test_models.py).
     """
 
     def __init__(self, p: float) -> None:
@@ -182,7 +184,7 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand_like(x) >= self.p  # P(keep) = 1 - p exactly: U[0, 1) >= p
+        keep = uniform_like(x) >= self.p  # P(keep) = 1 - p exactly: U[0, 1) >= p
         return x * keep / (1.0 - self.p)
 
     def extra_repr(self) -> str:
@@ -192,9 +194,10 @@ class Dropout(nn.Module):
 class ResidualBlock(nn.Module):
     """The paper's residual block: GroupNorm, SiLU, conv3x3, + W SiLU(temb), GroupNorm, SiLU, dropout, conv3x3.
 
-    The timestep enters between the two convs as a per-channel bias; the skip path is a 1x1 conv
-    when the channel count changes. x: (B, in_ch, H, W); temb: (B, temb_dim), SiLU already applied.
-    Returns (B, out_ch, H, W).
+    The timestep enters between the two convs as a per-channel bias, ``temb_proj(SiLU(temb))``; the
+    skip path is a 1x1 conv when the channel count changes. x: (B, in_ch, H, W); temb_bias:
+    (B, out_ch), this block's projection of the timestep embedding (the U-Net computes those of all
+    its blocks in one matrix product, UNet.timestep_biases). Returns (B, out_ch, H, W).
     """
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, num_groups: int, dropout: float,
@@ -211,11 +214,13 @@ class ResidualBlock(nn.Module):
             # The block starts as the identity (or the 1x1 skip), so a deep stack starts well conditioned.
             _zero(self.conv2)
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, temb_bias: Tensor) -> Tensor:
+        # The two additions are made in place on conv outputs, which no backward pass needs: one
+        # fresh activation less each (the convs keep their inputs, norm2 its input after the add).
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(temb)[:, :, None, None]
+        h += temb_bias[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return h.add_(self.skip(x))
 
 
 class AttentionBlock(nn.Module):
@@ -352,6 +357,11 @@ class UNet(nn.Module):
             self.up.append(UNetLevel(blocks, attns, Upsample(c) if i > 0 else None))
         assert not skip_channels, "every encoder activation is used exactly once"
 
+        # Every residual block in the order forward() runs them, for timestep_biases.
+        self.res_blocks_in_order = [
+            *(b for level in self.down for b in level.res_blocks), self.mid_block1, self.mid_block2,
+            *(b for level in self.up for b in level.res_blocks)]
+
         self.output_norm = nn.GroupNorm(config.num_groups, c)
         self.output_conv = nn.Conv2d(c, config.out_channels or config.in_channels, 3, padding=1)
         if config.zero_init:
@@ -363,27 +373,74 @@ class UNet(nn.Module):
         # SiLU once here rather than in every block: each block projects SiLU(temb).
         # The embedding is computed in float32 (exact for integer t) and cast to the model's dtype.
         temb = F.silu(self.time_mlp(self.time_embed(t).to(x_t.dtype)))  # (B, 4ch)
+        biases = iter(self.timestep_biases(temb))  # one (B, C) bias per residual block, in order
         h = self.input_conv(x_t)
         skips = [h]
         for level in self.down:
             for block, attn in zip(level.res_blocks, level.attn_blocks):
-                h = attn(block(h, temb))
+                h = attn(block(h, next(biases)))
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+        h = self.mid_block1(h, next(biases))
+        h = self.mid_block2(self.mid_attn(h), next(biases))
         for level in self.up:
             for block, attn in zip(level.res_blocks, level.attn_blocks):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), temb))
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), next(biases)))
             if level.resample is not None:
                 h = level.resample(h)
         return self.output_conv(F.silu(self.output_norm(h)))
+
+    def timestep_biases(self, temb: Tensor) -> tuple[Tensor, ...]:
+        """Each residual block's ``temb_proj(temb)``, in the order of res_blocks_in_order.
+
+        One matrix product with the blocks' Linear weights stacked, instead of one small product per
+        block (15-21 of them, each too small to keep two cores busy). The weights stay in their
+        blocks, so checkpoints do not change. temb: (B, 4ch) -> tuple of (B, out_ch) per block.
+        """
+        projections = [block.temb_proj for block in self.res_blocks_in_order]
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections])
+        return F.linear(temb, weight, bias).split([p.out_features for p in projections], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+_RNG_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool), made on first use
+
+
+def uniform_like(x: Tensor) -> Tensor:
+    """U[0, 1) draws shaped and laid out like x, as ``torch.rand_like(x)``, drawn on several CPU threads.
+
+    PyTorch fills a CPU tensor with random numbers on one thread, whatever torch.get_num_threads()
+    says: 11% of a unet-mnist training step on 2 cores went to the dropout masks' draws. Here a large
+    CPU tensor is cut into one slice per thread (up to 8); the first slice comes from the global
+    generator, as nn.Dropout's masks do, and each other slice from a generator seeded by one draw of
+    the global one. So the global seed still decides every mask, and the draws are independent
+    U[0, 1) values as before (tests/test_models.py); they are not rand_like's numbers. Elsewhere
+    (GPU, one thread, small tensors) this is torch.rand_like.
+    """
+    global _RNG_POOL
+    parts = min(torch.get_num_threads(), 8)
+    if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16:
+        return torch.rand_like(x)
+    if _RNG_POOL is None or _RNG_POOL[0] < parts - 1:
+        _RNG_POOL = (parts - 1, ThreadPoolExecutor(parts - 1, thread_name_prefix="ddpm-rng"))
+    pool = _RNG_POOL[1]
+    u = torch.empty_like(x)  # dense (x's layout, or contiguous), so its storage is exactly its elements
+    flat = u.as_strided((u.numel(),), (1,))
+    slices = flat.tensor_split(parts)
+    seeds = torch.randint(0, 2**62, (parts - 1,)).tolist()
+    pending = [pool.submit(part.uniform_, generator=torch.Generator().manual_seed(seed))
+               for part, seed in zip(slices[1:], seeds)]
+    slices[0].uniform_()
+    for draw in pending:
+        draw.result()
+    return u
 
 
 def _check_divisible(image_size: int, num_levels: int, levels_from: str) -> None:
