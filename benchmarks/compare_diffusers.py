@@ -2,7 +2,8 @@
 
     pip install -c constraints.txt -e '.[bench]'      # diffusers, for this script only
     python benchmarks/compare_diffusers.py [--threads 2] [--only mnist cifar sampling]
-                                           [--precision fp32 bf16] [--json FILE] [--quick]
+                                           [--precision fp32 bf16] [--allocator ddpm|default]
+                                           [--json FILE] [--quick]
 
 What is compared (each pair has the same parameter count; the script prints both FLOP counts):
   mnist     training steps of a small U-Net on 1x28x28, batch 64: diffusers' UNet2DModel with block
@@ -36,7 +37,8 @@ training step's achieved FLOP/s is shown as a fraction of the best of these in i
 
 ddpm's side is laid out and optimised as `ddpm train` does by default: channels-last U-Nets (except
 in bf16 on a CPU), fused AdamW; diffusers' side as its training example does: default layout and
-PyTorch's default AdamW.
+PyTorch's default AdamW. The process's malloc is set up as the `ddpm` command sets it
+(ddpm.allocator.keep_freed_memory) unless --allocator default; either way both sides share it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import ddpm
+from ddpm.allocator import keep_freed_memory
 from ddpm.config import build_config
 from ddpm.models import build_model, use_channels_last
 from ddpm.training import build_optimizer, wants_channels_last
@@ -406,6 +409,9 @@ def main() -> None:
                         help="training precisions (default: both); sampling is fp32")
     parser.add_argument("--rounds", type=int, help="alternating timed rounds per training comparison (default 7)")
     parser.add_argument("--ddpm-steps", type=int, help="steps of the 1000-step DDPM walk to run (default 100)")
+    parser.add_argument("--allocator", choices=("ddpm", "default"), default="ddpm",
+                        help="ddpm (default): glibc's malloc set up as the `ddpm` command does "
+                             "(ddpm.allocator.keep_freed_memory), for both sides; default: as it comes")
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="tiny batches and rounds: a smoke test of the script, not a measurement")
@@ -420,10 +426,11 @@ def main() -> None:
     if args.ddpm_steps is not None:
         settings = settings._replace(ddpm_steps=args.ddpm_steps)
     torch.set_num_threads(args.threads)
+    allocator = "keep_freed_memory" if args.allocator == "ddpm" and keep_freed_memory() else "default"
     info = {**machine(), "diffusers": diffusers.__version__, "settings": settings._asdict(),
-            "loadavg_before": load_average()}
+            "allocator": allocator, "loadavg_before": load_average()}
     print(f"{info['cpu']} ({', '.join(info['features'])}), torch {info['torch']}, diffusers {info['diffusers']}, "
-          f"{info['threads']} threads; load average before: {info['loadavg_before']}"
+          f"{info['threads']} threads, malloc {allocator}; load average before: {info['loadavg_before']}"
           + ("; --quick: a smoke test, not a measurement" if args.quick else ""), flush=True)
 
     peaks_before = machine_peak(settings.matmul_size)

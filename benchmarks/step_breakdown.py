@@ -1,0 +1,165 @@
+"""Where the time of a training or sampling step goes, in ddpm and in diffusers, on the same work.
+
+    pip install -c constraints.txt -e '.[bench]'
+    python benchmarks/step_breakdown.py [--work mnist cifar ddim] [--steps 4] [--threads 2] [--json FILE]
+
+For each work of benchmarks/compare_diffusers.py (the same models, batches, optimisers and
+layouts), it runs a few steps of each side under torch.profiler and adds up each operator's own CPU
+time by kind: convolutions, attention, other matrix products, normalisation, activations, random
+numbers (dropout masks, noise), copies and concatenation, other element-wise work, the optimiser,
+and the rest (autograd and Python between the operators). It prints milliseconds per step per kind
+for both sides, and the step's wall time measured without the profiler.
+
+The last line is a bound: ddpm's time in convolutions, attention and matrix products, the kernels
+both libraries share (oneDNN, PyTorch's flash attention, MKL), set against diffusers' whole step. It
+is the largest speed-up any change outside those kernels can give, with everything else costing
+nothing. A "step" of ddim is one network evaluation and one DDIM update, batch 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import compare_diffusers as cd
+import ddpm
+from ddpm.allocator import keep_freed_memory
+from ddpm.config import build_config
+from ddpm.training import build_optimizer
+
+# (kind, substrings of a profiler event's name), first match wins. Events are aten operators and
+# the few records autograd and the optimiser add; an operator's own time excludes its children.
+KINDS = [
+    ("convolution", ("conv",)),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("normalisation", ("group_norm", "layer_norm")),
+    ("activations", ("silu", "sigmoid", "relu", "gelu")),
+    ("random numbers", ("uniform_", "bernoulli", "normal_", "random_", "aten::rand")),
+    ("copies and concatenation", ("copy_", "aten::cat", "contiguous", "clone")),
+    ("optimiser", ("Optimizer.", "_fused_adam", "_foreach_")),
+    ("other element-wise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::where", "aten::ge",
+                            "aten::lt", "aten::sqrt", "aten::pow", "aten::sum", "aten::mean", "aten::neg",
+                            "aten::fill_", "aten::zero_", "aten::clamp", "mse_loss", "aten::exp", "aten::cos",
+                            "aten::sin", "upsample", "aten::gather", "aten::index")),
+]
+SHARED_KERNELS = ("convolution", "attention", "matrix products")
+
+
+def kind_of(name: str) -> str:
+    for kind, keys in KINDS:
+        if any(key in name for key in keys):
+            return kind
+    return "rest"
+
+
+def breakdown(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Milliseconds of own CPU time per step, by kind, over ``steps`` profiled steps."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ms = defaultdict(float)
+    for event in prof.key_averages():
+        ms[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps
+    return dict(ms)
+
+
+def wall_ms(ours: Callable[[], None], theirs: Callable[[], None], rounds: int) -> tuple[float, float]:
+    result = cd.alternate(ours, theirs, warmup=1, rounds=rounds)
+    return 1e3 * statistics.median(result.ddpm_s), 1e3 * statistics.median(result.diffusers_s)
+
+
+def training_steps(work: str, settings: cd.Settings) -> tuple[Callable[[], None], Callable[[], None]]:
+    from diffusers import DDPMScheduler
+
+    if work == "mnist":
+        ours, theirs = cd.ddpm_unet("unet-mnist", **cd.DDPM_MNIST), cd.diffusers_unet(cd.DIFFUSERS_MNIST, 0)
+        shape = (settings.mnist_batch, 1, 28, 28)
+    else:
+        ours, theirs = cd.ddpm_unet("unet-cifar10"), cd.diffusers_unet(cd.DIFFUSERS_CIFAR10, 0)
+        shape = (settings.cifar_batch, 3, 32, 32)
+    ours.train()
+    theirs.train()
+    schedule = ddpm.NoiseSchedule("linear", cd.NUM_STEPS)
+    scheduler = DDPMScheduler(num_train_timesteps=cd.NUM_STEPS, beta_schedule="linear")
+    opt_ours = build_optimizer(ours, build_config("mnist", {"train": {"lr": cd.LR, "weight_decay": 0.01}}))
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=cd.LR, weight_decay=0.01)
+    fp32 = torch.autocast("cpu", enabled=False)
+    data = cd.batches(shape, 4)
+    next_ours, next_theirs = (itertools.cycle(data) for _ in range(2))
+    return (lambda: cd.ddpm_train_step(ours, schedule, opt_ours, next(next_ours), fp32),
+            lambda: cd.diffusers_train_step(theirs, scheduler, opt_theirs, next(next_theirs), fp32))
+
+
+def sampling_steps(settings: cd.Settings, steps_per_run: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Runs of ``steps_per_run`` DDIM steps (of a 50-step walk), batch 16, on each side."""
+    ours, theirs = cd.ddpm_unet("unet-mnist", **cd.DDPM_MNIST).eval(), cd.diffusers_unet(cd.DIFFUSERS_MNIST, 0).eval()
+    shape = (settings.sample_batch, 1, 28, 28)
+    schedule = ddpm.NoiseSchedule("linear", cd.NUM_STEPS)
+    return (cd.ddpm_sampler(ours, schedule, shape, "ddim", settings.ddim_steps, steps_per_run),
+            cd.diffusers_sampler(theirs, shape, "ddim", settings.ddim_steps, steps_per_run))
+
+
+def report(work: str, ours: dict[str, float], theirs: dict[str, float], wall: tuple[float, float]) -> dict:
+    kinds = [kind for kind, _ in KINDS] + ["rest"]
+    lines = [f"\n{work}: ms per step (own CPU time under the profiler)",
+             "| kind | ddpm | diffusers |", "|---|---:|---:|"]
+    for kind in kinds:
+        lines.append(f"| {kind} | {ours.get(kind, 0.0):.1f} | {theirs.get(kind, 0.0):.1f} |")
+    lines.append(f"| total under the profiler | {sum(ours.values()):.1f} | {sum(theirs.values()):.1f} |")
+    lines.append(f"| wall time without the profiler | {wall[0]:.1f} | {wall[1]:.1f} |")
+    shared = sum(ours.get(kind, 0.0) for kind in SHARED_KERNELS)
+    print("\n".join(lines))
+    print(f"speed-up now {wall[1] / wall[0]:.2f}x; ddpm's {', '.join(SHARED_KERNELS)} take {shared:.1f} ms "
+          f"of its step, so with all else free the speed-up would be at most {wall[1] / shared:.2f}x")
+    return {"work": work, "ddpm_ms": ours, "diffusers_ms": theirs, "wall_ms_ddpm": wall[0],
+            "wall_ms_diffusers": wall[1], "shared_kernels_ms_ddpm": shared, "bound": wall[1] / shared}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", nargs="+", choices=("mnist", "cifar", "ddim"), default=["mnist", "ddim"],
+                        help="which steps to break down (default: mnist ddim)")
+    parser.add_argument("--steps", type=int, default=4, help="profiled steps per side (default 4)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds for the wall times (default 7)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `ddpm train` and compare_diffusers.py do; the same for both sides
+    settings = cd.FULL
+    rows = []
+    for work in args.work:
+        if work == "ddim":
+            # One profiled run of `steps` DDIM steps; wall times of single-step runs would carry the
+            # set-up of a run, so runs of 10 steps are timed and divided by 10.
+            ours, theirs = sampling_steps(settings, args.steps)
+            ours()  # warm-up outside the profile
+            theirs()
+            ms = [{k: v / args.steps for k, v in breakdown(side, 1).items()} for side in (ours, theirs)]
+            ten = sampling_steps(settings, 10)
+            wall = tuple(w / 10 for w in wall_ms(*ten, args.rounds))
+        else:
+            ours, theirs = training_steps(work, settings)
+            for side in (ours, theirs):  # warm-up outside the profile
+                side()
+                side()
+            ms = [breakdown(side, args.steps) for side in (ours, theirs)]
+            wall = wall_ms(ours, theirs, args.rounds)
+        rows.append(report(work, *ms, wall))
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "results": rows},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
