@@ -409,6 +409,18 @@ def test_dropout_zeroes_with_probability_p_and_scales_the_rest():
     assert Dropout(p).train()(image).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_dropout_rate_is_p_in_bf16_too():
+    # Under bf16 autocast the activations are bf16; a bf16 draw compared with 0.1 drops 26/256 =
+    # 0.1016 of them (over 10 sd too many here: it did, before the draw was made float32).
+    from ddpm.models.unet import Dropout
+
+    p, n = 0.1, 4_000_000
+    torch.manual_seed(0)
+    y = Dropout(p).train()(torch.ones(n, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert abs((y == 0).sum().item() - n * p) < 5 * math.sqrt(n * p * (1 - p))
+
+
 def test_every_residual_block_gets_its_own_timestep_projection():
     # UNet.timestep_biases makes all blocks' temb_proj(temb) in one product and hands them out in
     # forward order; a hook on each block checks that what it received is its own projection.

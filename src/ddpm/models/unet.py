@@ -414,7 +414,10 @@ _RNG_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool), made
 
 
 def uniform_like(x: Tensor) -> Tensor:
-    """U[0, 1) draws shaped and laid out like x, as ``torch.rand_like(x)``, drawn on several CPU threads.
+    """float32 U[0, 1) draws shaped and laid out like x, drawn on several CPU threads.
+
+    float32 whatever x's dtype: PyTorch's bf16 draws (``torch.rand_like`` of a bf16 activation under
+    autocast) are multiples of 1/256, so P(u >= 0.1) was 230/256 = 0.898 instead of 0.9.
 
     PyTorch fills a CPU tensor with random numbers on one thread, whatever torch.get_num_threads()
     says: 11% of a unet-mnist training step on 2 cores went to the dropout masks' draws. Here a large
@@ -422,16 +425,16 @@ def uniform_like(x: Tensor) -> Tensor:
     generator, as nn.Dropout's masks do, and each other slice from a generator seeded by one draw of
     the global one. So the global seed still decides every mask, and the draws are independent
     U[0, 1) values as before (tests/test_models.py); they are not rand_like's numbers. Elsewhere
-    (GPU, one thread, small tensors) this is torch.rand_like.
+    (GPU, one thread, small tensors) this is torch.rand_like(x, dtype=torch.float32).
     """
     global _RNG_POOL
     parts = min(torch.get_num_threads(), 8)
     if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16:
-        return torch.rand_like(x)
+        return torch.rand_like(x, dtype=torch.float32)
     if _RNG_POOL is None or _RNG_POOL[0] < parts - 1:
         _RNG_POOL = (parts - 1, ThreadPoolExecutor(parts - 1, thread_name_prefix="ddpm-rng"))
     pool = _RNG_POOL[1]
-    u = torch.empty_like(x)  # dense (x's layout, or contiguous), so its storage is exactly its elements
+    u = torch.empty_like(x, dtype=torch.float32)  # dense (x's layout, or contiguous), so its storage is exactly its elements
     flat = u.as_strided((u.numel(),), (1,))
     slices = flat.tensor_split(parts)
     seeds = torch.randint(0, 2**62, (parts - 1,)).tolist()
