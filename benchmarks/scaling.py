@@ -4,7 +4,7 @@
 
 The network is unet-mnist's architecture (ch 32, mult (1, 2, 2), one block per level, attention at
 the coarsest level) on 1-channel images, laid out and optimised as `ddpm train` does by default
-(channels-last, fused AdamW, fp32). Two sweeps: batch size at 28x28, and image size at batch 16.
+(channels-last, fused AdamW, fp32, malloc keeping freed memory). Two sweeps: batch size at 28x28, and image size at batch 16.
 
 Each point runs in a fresh process, so memory readings do not mix: one warm-up step, then the median
 of --steps timed steps. Memory is the growth of the process's peak resident set over what it held
@@ -31,11 +31,13 @@ def measure(batch: int, size: int, steps: int, device: str) -> dict[str, float]:
     import torch
 
     import ddpm
+    from ddpm.allocator import keep_freed_memory
     from ddpm.config import build_config
     from ddpm.models import build_model, use_channels_last
     from ddpm.training import build_optimizer
     from model_table import median_seconds  # a sibling script: benchmarks/ is on sys.path
 
+    keep_freed_memory()  # as the `ddpm` command does
     model = use_channels_last(build_model("unet-mnist", seed=0, image_size=size,
                                           attention_resolutions=(size // 4,))).to(device).train()
     optimizer = build_optimizer(model, build_config("mnist"))
