@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 
 import pytest
 import torch
@@ -468,3 +469,31 @@ def test_uniform_like_draws_independent_uniforms_on_every_thread(threads):
         n = min(a.numel(), b.numel())
         r = torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1].item()
         assert abs(r) < 5 / math.sqrt(n)
+
+
+
+def _draw_in_child() -> None:
+    from ddpm.models.unet import uniform_like
+
+    u = uniform_like(torch.empty(2**17))
+    raise SystemExit(0 if 0 <= u.min() and u.max() < 1 else 1)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_uniform_like_works_in_a_forked_child():
+    # The parent's pool of drawing threads does not survive a fork; the child must not wait on it.
+    from ddpm.models.unet import uniform_like
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        uniform_like(torch.empty(2**17))  # the parent's pool exists now
+        child = multiprocessing.get_context("fork").Process(target=_draw_in_child)
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        assert child.exitcode == 0, f"the child hung or failed drawing random numbers (exit code {child.exitcode})"
+    finally:
+        torch.set_num_threads(before)

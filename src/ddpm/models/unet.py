@@ -7,6 +7,7 @@ Both are called as ``model(x_t, t)`` with x_t (B, C, H, W) and t a LongTensor (B
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -410,7 +411,7 @@ class UNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-_RNG_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool), made on first use
+_RNG_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool), made on first use
 
 
 def uniform_like(x: Tensor) -> Tensor:
@@ -431,9 +432,10 @@ def uniform_like(x: Tensor) -> Tensor:
     parts = min(torch.get_num_threads(), 8)
     if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16:
         return torch.rand_like(x, dtype=torch.float32)
-    if _RNG_POOL is None or _RNG_POOL[0] < parts - 1:
-        _RNG_POOL = (parts - 1, ThreadPoolExecutor(parts - 1, thread_name_prefix="ddpm-rng"))
-    pool = _RNG_POOL[1]
+    if _RNG_POOL is None or _RNG_POOL[0] != os.getpid() or _RNG_POOL[1] < parts - 1:
+        # A forked child inherits the pool but not its threads: it gets a pool of its own.
+        _RNG_POOL = (os.getpid(), parts - 1, ThreadPoolExecutor(parts - 1, thread_name_prefix="ddpm-rng"))
+    pool = _RNG_POOL[2]
     u = torch.empty_like(x, dtype=torch.float32)  # dense (x's layout, or contiguous), so its storage is exactly its elements
     flat = u.as_strided((u.numel(),), (1,))
     slices = flat.tensor_split(parts)
