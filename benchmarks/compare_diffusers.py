@@ -293,8 +293,9 @@ def alternate(ours: Callable[[], Any], theirs: Callable[[], Any], warmup: int, r
 
 # --- the comparisons -------------------------------------------------------------------------------
 
-def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...],
-                     precision: str, settings: Settings) -> dict[str, Any]:
+def training_steps(ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...],
+                   precision: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One training step of each side per call, on the same batches, timesteps and noise."""
     from diffusers import DDPMScheduler
 
     schedule = ddpm.NoiseSchedule("linear", NUM_STEPS)
@@ -315,6 +316,12 @@ def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple
     def step_theirs() -> None:
         diffusers_train_step(theirs, scheduler, opt_theirs, next(next_theirs), autocast)
 
+    return step_ours, step_theirs
+
+
+def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...],
+                     precision: str, settings: Settings) -> dict[str, Any]:
+    step_ours, step_theirs = training_steps(ours, theirs, shape, precision)
     flops_ours, flops_theirs = count_flops(step_ours), count_flops(step_theirs)
     result = alternate(step_ours, step_theirs, settings.warmup, settings.rounds)
     return {

@@ -4,7 +4,8 @@
 
 The network is unet-mnist's architecture (ch 32, mult (1, 2, 2), one block per level, attention at
 the coarsest level) on 1-channel images, laid out and optimised as `ddpm train` does by default
-(channels-last, fused AdamW, fp32, malloc keeping freed memory). Two sweeps: batch size at 28x28, and image size at batch 16.
+(channels-last, fused AdamW, fp32, malloc keeping freed memory). Two sweeps: batch size at 28x28,
+and image size at batch 16.
 
 Each point runs in a fresh process, so memory readings do not mix: one warm-up step, then the median
 of --steps timed steps. Memory is the growth of the process's peak resident set over what it held

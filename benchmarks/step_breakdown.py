@@ -22,10 +22,8 @@ is one network evaluation and one DDIM update, batch 16.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -37,8 +35,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import compare_diffusers as cd  # sibling scripts: benchmarks/ is on sys.path
 import ddpm
 from ddpm.allocator import keep_freed_memory
-from ddpm.config import build_config
-from ddpm.training import build_optimizer
 from model_table import median_seconds
 
 # (kind, substrings of a profiler event's name), first match wins. Events are aten operators and
@@ -113,7 +109,7 @@ def shared_kernels_ms(step: Callable[[], None], repeats: int) -> float:
         step()
     with torch.no_grad():
         return 1e3 * median_seconds(lambda: [func(*args, **kwargs) for func, args, kwargs in recorder.calls],
-                                  warmup=1, repeats=repeats)
+                                    warmup=1, repeats=repeats)
 
 
 def wall_ms(ours: Callable[[], None], theirs: Callable[[], None], rounds: int) -> tuple[float, float]:
@@ -122,25 +118,14 @@ def wall_ms(ours: Callable[[], None], theirs: Callable[[], None], rounds: int) -
 
 
 def training_steps(work: str, precision: str, settings: cd.Settings) -> tuple[Callable[[], None], Callable[[], None]]:
-    from diffusers import DDPMScheduler
-
+    """compare_diffusers.py's training steps of ``work`` (mnist or cifar) for both sides."""
     if work == "mnist":
         ours, theirs = cd.ddpm_unet("unet-mnist", precision, **cd.DDPM_MNIST), cd.diffusers_unet(cd.DIFFUSERS_MNIST, 0)
         shape = (settings.mnist_batch, 1, 28, 28)
     else:
         ours, theirs = cd.ddpm_unet("unet-cifar10", precision), cd.diffusers_unet(cd.DIFFUSERS_CIFAR10, 0)
         shape = (settings.cifar_batch, 3, 32, 32)
-    ours.train()
-    theirs.train()
-    schedule = ddpm.NoiseSchedule("linear", cd.NUM_STEPS)
-    scheduler = DDPMScheduler(num_train_timesteps=cd.NUM_STEPS, beta_schedule="linear")
-    opt_ours = build_optimizer(ours, build_config("mnist", {"train": {"lr": cd.LR, "weight_decay": 0.01}}))
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=cd.LR, weight_decay=0.01)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    data = cd.batches(shape, 4)
-    next_ours, next_theirs = (itertools.cycle(data) for _ in range(2))
-    return (lambda: cd.ddpm_train_step(ours, schedule, opt_ours, next(next_ours), autocast),
-            lambda: cd.diffusers_train_step(theirs, scheduler, opt_theirs, next(next_theirs), autocast))
+    return cd.training_steps(ours, theirs, shape, precision)
 
 
 def sampling_steps(settings: cd.Settings, steps_per_run: int) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -442,20 +444,27 @@ def test_every_residual_block_gets_its_own_timestep_projection():
             torch.testing.assert_close(received[block], block.temb_proj(temb), rtol=1e-12, atol=1e-12)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch.set_num_threads(n) inside the block, the caller's setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [2, 4])
 def test_uniform_like_draws_independent_uniforms_on_every_thread(threads):
     from ddpm.models.unet import uniform_like
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         x = torch.empty(4, 16, 64, 64).contiguous(memory_format=torch.channels_last)  # 2**18 elements
         torch.manual_seed(3)
         u = uniform_like(x)
         torch.manual_seed(3)
         assert torch.equal(uniform_like(x), u), "the global seed decides every draw"
-    finally:
-        torch.set_num_threads(before)
     assert u.shape == x.shape and u.is_contiguous(memory_format=torch.channels_last)
     assert 0 <= u.min() and u.max() < 1
     # Each thread's slice, in memory order, is U[0, 1): Kolmogorov-Smirnov distance below the 0.1%
@@ -469,7 +478,6 @@ def test_uniform_like_draws_independent_uniforms_on_every_thread(threads):
         n = min(a.numel(), b.numel())
         r = torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1].item()
         assert abs(r) < 5 / math.sqrt(n)
-
 
 
 def _draw_in_child() -> None:
@@ -486,9 +494,7 @@ def test_uniform_like_works_in_a_forked_child():
     # The parent's pool of drawing threads does not survive a fork; the child must not wait on it.
     from ddpm.models.unet import uniform_like
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         uniform_like(torch.empty(2**17))  # the parent's pool exists now
         child = multiprocessing.get_context("fork").Process(target=_draw_in_child)
         child.start()
@@ -496,6 +502,4 @@ def test_uniform_like_works_in_a_forked_child():
         if child.is_alive():
             child.kill()
             child.join()
-        assert child.exitcode == 0, f"the child hung or failed drawing random numbers (exit code {child.exitcode})"
-    finally:
-        torch.set_num_threads(before)
+    assert child.exitcode == 0, f"the child hung or failed drawing random numbers (exit code {child.exitcode})"

@@ -411,7 +411,8 @@ class UNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-_RNG_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool), made on first use
+_RNG_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (process id, pool), made on first use
+_MAX_RNG_SLICES = 8
 
 
 def uniform_like(x: Tensor) -> Tensor:
@@ -429,13 +430,14 @@ def uniform_like(x: Tensor) -> Tensor:
     (GPU, one thread, small tensors) this is torch.rand_like(x, dtype=torch.float32).
     """
     global _RNG_POOL
-    parts = min(torch.get_num_threads(), 8)
+    parts = min(torch.get_num_threads(), _MAX_RNG_SLICES)
     if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16:
         return torch.rand_like(x, dtype=torch.float32)
-    if _RNG_POOL is None or _RNG_POOL[0] != os.getpid() or _RNG_POOL[1] < parts - 1:
-        # A forked child inherits the pool but not its threads: it gets a pool of its own.
-        _RNG_POOL = (os.getpid(), parts - 1, ThreadPoolExecutor(parts - 1, thread_name_prefix="ddpm-rng"))
-    pool = _RNG_POOL[2]
+    if _RNG_POOL is None or _RNG_POOL[0] != os.getpid():
+        # A forked child inherits the pool but not its threads: it gets a pool of its own. The pool
+        # starts a thread only when no idle one is left, so it holds parts - 1 threads, not the maximum.
+        _RNG_POOL = (os.getpid(), ThreadPoolExecutor(_MAX_RNG_SLICES - 1, thread_name_prefix="ddpm-rng"))
+    pool = _RNG_POOL[1]
     u = torch.empty_like(x, dtype=torch.float32)  # dense (x's layout, or contiguous), so its storage is exactly its elements
     flat = u.as_strided((u.numel(),), (1,))
     slices = flat.tensor_split(parts)
