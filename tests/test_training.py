@@ -261,12 +261,61 @@ def _tiny_points_config(**train):
         "sample": {"sample_steps": 5, "num_samples": 8}})
 
 
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that make the host wait for a tensor's value (.item(), float(), bool())."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_make_no_host_sync_between_logs_and_checkpoints(tmp_path):
+    # The syncs come from logging, checkpoints and samples, which happen at the end here: training 6 or
+    # 24 steps must make the same number of them, so a step itself makes none.
+    from ddpm import training
+    counts = {}
+    for steps in (6, 24):
+        config = _tiny_points_config(steps=steps, log_every=steps, checkpoint_every=steps)
+        with _HostSyncs() as syncs:
+            training.train(config, tmp_path / str(steps), progress=False, log=lambda m: None)
+        counts[steps] = syncs.count
+    assert counts[6] == counts[24] > 0
+
+
+def test_a_non_finite_loss_between_checks_is_reported_at_its_step_and_saves_nothing(tmp_path, monkeypatch):
+    # The loss of step 5 is made nan; it is read only at the next log (step 8) or checkpoint, which must
+    # then stop naming step 5 and leave the checkpoint of step 4 as the latest.
+    from ddpm import training
+    calls = []
+    original = training.per_example_loss
+
+    def loss_with_a_nan_at_step_5(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        calls.append(None)
+        return losses * float("nan") if len(calls) == 5 else losses
+
+    monkeypatch.setattr(training, "per_example_loss", loss_with_a_nan_at_step_5)
+    config = _tiny_points_config(steps=12, log_every=8, checkpoint_every=4)
+    with pytest.raises(training.NonFiniteLoss, match=r"became nan at step 5; the last good checkpoint .*step_0000004"):
+        training.train(config, tmp_path / "run", progress=False, log=lambda m: None)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    assert len(calls) == 8  # it ran on to the check at step 8, which wrote nothing
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000008").exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["step"] < 5 for row in rows)
+
+
 def test_gradient_accumulation_gives_the_same_weights(tmp_path, monkeypatch):
     from ddpm import training
     sizes = []
-    original = training.training_loss
-    monkeypatch.setattr(training, "training_loss",
-                        lambda model, schedule, x0, **kw: sizes.append(len(x0)) or original(model, schedule, x0, **kw))
+    original = training.per_example_loss
+    monkeypatch.setattr(training, "per_example_loss",
+                        lambda model, schedule, x0, *args, **kw: sizes.append(len(x0)) or original(model, schedule, x0, *args, **kw))
     whole = training.train(_tiny_points_config(), tmp_path / "a", progress=False, log=lambda m: None)
     assert sizes == [32] * 6
     sizes.clear()

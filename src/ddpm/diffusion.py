@@ -225,6 +225,14 @@ def training_loss(
         noise = _randn_like(x0, generator)
     elif noise.shape != x0.shape:
         raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}; got {tuple(noise.shape)}")
+    per_example = per_example_loss(model, schedule, x0, t, noise, prediction=prediction, weighting=weighting)
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+def per_example_loss(model: Model, schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor, *,
+                     prediction: Prediction = "eps", weighting: Weighting | None = None) -> Tensor:
+    """``training_loss(..., reduction="none")`` without checking t and noise: the training loop draws
+    them itself, and checking t's values would make every step wait for the device."""
     x_t = _q_sample(schedule, x0, t, noise)
     output = model(x_t, t)
     if output.shape != x0.shape:
@@ -233,9 +241,7 @@ def training_loss(
     target = training_target(schedule, x0, t, noise, prediction)
     per_example = (output.float() - target.float()).square().flatten(1).mean(dim=1)
     weights = loss_weights(schedule, t, prediction, weighting)
-    if weights is not None:
-        per_example = per_example * weights
-    return per_example.mean() if reduction == "mean" else per_example
+    return per_example if weights is None else per_example * weights
 
 
 # --- the variational bound (eq. 5) ---------------------------------------------------------------

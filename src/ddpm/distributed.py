@@ -83,14 +83,6 @@ class World:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    def mean_loss(self, losses: Tensor, batch_size: int) -> float:
-        """The global batch's mean loss from this process's per-example ``losses`` (one all-reduce)."""
-        if not self.active:
-            return losses.mean().item()
-        total = losses.detach().float().sum()
-        dist.all_reduce(total)
-        return total.item() / batch_size
-
     def sum_(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over the processes, in place."""
         if self.active:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import signal
 import sys
@@ -35,7 +34,7 @@ from ddpm import checkpoint as ckpt
 from ddpm import distributed
 from ddpm.config import Config, config_from_dict, config_to_dict
 from ddpm.data import DATASETS, Dataset, load_dataset, random_hflip
-from ddpm.diffusion import sample_timesteps, training_loss
+from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
 from ddpm.models import build_model, model_config_dict, preset_config, use_channels_last
 from ddpm.models.mlp import ResidualMLPConfig
 from ddpm.sampling import sample
@@ -484,6 +483,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                dynamic_ncols=True, file=sys.stderr)
 
     def save() -> Path:
+        window.raise_if_non_finite(last_checkpoint)  # a checkpoint never holds weights a bad step made
         if world.is_main:
             tensors, state = _training_state(optimizer, order, noise_generator)
             ckpt.save_checkpoint(run_dir, step, model=model, ema_model=ema_model, tensors=tensors,
@@ -504,29 +504,29 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                 for i in range(t_cfg.grad_accum):
                     part = slice(i * micro, (i + 1) * micro)
                     with autocast, world.accumulating(shared_model, last=i == t_cfg.grad_accum - 1):
-                        losses = training_loss(train_model, schedule, x0[part], t=t[part], noise=noise[part],
-                                               prediction=config.diffusion.prediction,
-                                               weighting=None if config.diffusion.weighting == "none"
-                                               else config.diffusion.weighting, reduction="none")
+                        losses = per_example_loss(train_model, schedule, x0[part], t[part], noise[part],
+                                                  prediction=config.diffusion.prediction,
+                                                  weighting=None if config.diffusion.weighting == "none"
+                                                  else config.diffusion.weighting)
                         # The processes' gradients are averaged: scaling by their number makes it the global sum.
                         (losses.sum() * world.size / t_cfg.batch_size).backward()
                     per_example.append(losses.detach())
                 losses = torch.cat(per_example)
-                loss = world.mean_loss(losses, t_cfg.batch_size)
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(step + 1, loss, last_checkpoint)
                 grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
                              if t_cfg.grad_clip is not None else None)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 update_ema(ema_model, model, ema_decay(config, step))
                 step += 1
-                window.add(losses, t, schedule.num_steps, grad_norm, t_cfg.batch_size)
+                # No host sync in a step: the loss stays on the device and is checked for nan/inf
+                # before anything is logged, sampled or saved.
+                window.add(step, losses, t, schedule.num_steps, grad_norm, t_cfg.batch_size, world)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
                 if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                    window.raise_if_non_finite(last_checkpoint)
                     values = window.flush(t_cfg.batch_size, world)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                     values["lr"] = optimizer.param_groups[0]["lr"]
                     if t_cfg.eval_every and heldout is not None and (step % t_cfg.eval_every == 0 or step == t_cfg.steps):
                         values.update(heldout_losses(model, ema_model, schedule, heldout, config))
@@ -535,6 +535,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                 if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
                     last_checkpoint = save()
                 if world.is_main and ((t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps):
+                    window.raise_if_non_finite(last_checkpoint)
                     save_samples(ema_model, schedule, config, dataset, run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
                 stop_signal = world.agree_signal(stop.received, device)  # every process stops at the same step
                 if stop_signal is not None:
@@ -571,11 +572,14 @@ class _NoMetrics:
 
 
 class _Window:
-    """Sums over a logging window, kept on the device so a step needs no host sync for them."""
+    """Sums over a logging window and the run's first non-finite loss, kept on the device so that a
+    training step needs no host sync; ``raise_if_non_finite`` and ``flush`` read them (one sync each)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.last_loss = float("nan")
+        self.bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far was finite
+        self.bad_loss = torch.zeros((), device=device)
         self._reset()
         self._clock = time.perf_counter()
 
@@ -586,10 +590,15 @@ class _Window:
         self.grad_norm_sum = torch.zeros((), device=self.device)
         self.steps = 0
 
-    def add(self, losses: Tensor, t: Tensor, num_steps: int, grad_norm: Tensor | None, batch_size: int) -> None:
-        """losses, t: this process's examples of a global batch of ``batch_size``."""
+    def add(self, step: int, losses: Tensor, t: Tensor, num_steps: int, grad_norm: Tensor | None,
+            batch_size: int, world: distributed.World = distributed.SINGLE) -> None:
+        """losses, t: this process's examples of step ``step``'s global batch of ``batch_size``."""
         losses = losses.float()
-        self.loss_sum += losses.sum() / batch_size
+        loss = world.sum_(losses.sum() / batch_size)  # the global batch's mean loss
+        self.loss_sum += loss
+        newly_bad = ~torch.isfinite(loss) & (self.bad_step == 0)
+        self.bad_step = torch.where(newly_bad, step, self.bad_step)
+        self.bad_loss = torch.where(newly_bad, loss, self.bad_loss)
         quarter = (t * 4 // num_steps).clamp(max=3)
         self.quarter_sum.index_add_(0, quarter, losses)
         self.quarter_count.index_add_(0, quarter, torch.ones_like(losses))
@@ -597,10 +606,16 @@ class _Window:
             self.grad_norm_sum += grad_norm.float()  # the same on every process (of the summed gradient)
         self.steps += 1
 
+    def raise_if_non_finite(self, last_good: Path | None) -> None:
+        """NonFiniteLoss naming the first step whose loss was nan or inf, if there was one."""
+        bad_step = int(self.bad_step)
+        if bad_step:
+            raise NonFiniteLoss(bad_step, float(self.bad_loss), last_good)
+
     def flush(self, batch_size: int, world: distributed.World = distributed.SINGLE) -> dict[str, float]:
-        """The window's means over the global batches (summed over the processes: one all-reduce)."""
-        sums = world.sum_(torch.cat([self.loss_sum.view(1), self.quarter_sum, self.quarter_count]))
-        loss_sum, quarter_sum, quarter_count = sums[0], sums[1:5], sums[5:]
+        """The window's means over the global batches (the quarters summed over the processes: one all-reduce)."""
+        sums = world.sum_(torch.cat([self.quarter_sum, self.quarter_count]))
+        loss_sum, quarter_sum, quarter_count = self.loss_sum, sums[:4], sums[4:]
         elapsed = time.perf_counter() - self._clock
         loss = (loss_sum / self.steps).item()
         quarters = (quarter_sum / quarter_count.clamp(min=1)).tolist()
