@@ -282,3 +282,42 @@ def test_samplers_run_without_autograd_and_return_ordinary_tensors(schedule):
     for out in (x, z):
         assert not out.is_inference() and not out.requires_grad
         out.clamp_(-1, 1)  # an inference tensor would refuse this outside inference mode
+
+
+@pytest.mark.parametrize("options", [
+    dict(sampler="ddpm", steps=12, clip_denoised=True),
+    dict(sampler="ddpm", steps=12, variance="fixed_large", prediction="v"),
+    dict(sampler="ddim", steps=12),
+    dict(sampler="ddim", steps=12, eta=0.5, prediction="x0"),
+    dict(sampler="ddim", steps=1),
+])
+def test_the_cuda_graph_walk_gives_the_plain_walks_numbers(schedule, options):
+    # cuda_graph=True off CUDA runs the walk a CUDA graph replays (fixed input and output tensors, the
+    # step's coefficients copied in, noise drawn outside) without recording a graph. It must give the
+    # plain loop's samples, callbacks and generator state, bit for bit, with a network whose output
+    # depends on x and t; a callback keeps its tensors although the fixed ones are overwritten.
+    unet = ddpm.models.build_model("unet", in_channels=2, image_size=8, ch=16, channel_mult=(1, 2),
+                                   num_res_blocks=1, num_groups=8, attention_resolutions=(4,), seed=0).eval()
+    with torch.no_grad():  # the last conv starts at zero: give every weight a value
+        for p in unet.parameters():
+            p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    results = {}
+    for graph in (False, True):
+        seen = []
+        generator = torch.Generator().manual_seed(3)
+        x = sample(unet, schedule, (3, 2, 8, 8), generator=generator, cuda_graph=graph,
+                   callback=lambda step: seen.append(step), **options)
+        results[graph] = x, seen, generator.get_state()
+    (x_plain, seen_plain, state_plain), (x_graph, seen_graph, state_graph) = results[False], results[True]
+    torch.testing.assert_close(x_graph, x_plain, rtol=0, atol=0)
+    assert torch.equal(state_graph, state_plain)
+    assert [s.t for s in seen_graph] == [s.t for s in seen_plain] == timestep_sequence(T, options["steps"])
+    for a, b in zip(seen_graph, seen_plain):
+        for name in ("x_t", "pred_x0", "x_prev"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, msg=name)
+    assert len({id(s.x_prev) for s in seen_graph}) == len(seen_graph)
+
+
+def test_cuda_graph_must_be_a_bool_or_none(schedule):
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or None; got 'yes'"):
+        sample(lambda x, t: torch.zeros_like(x), schedule, (2, 2), cuda_graph="yes")

@@ -162,6 +162,15 @@ def test_sample_command_writes_grid_folder_npz_and_trajectories(tiny_run, tmp_pa
     assert np.array_equal(arr, ddpm.visualize.to_uint8(expected.clamp(-1, 1)).numpy())
 
 
+def test_sample_command_takes_cuda_graph_on_and_off(tiny_run, tmp_path):
+    # Off CUDA, --cuda-graph runs the fixed-buffer walk a graph would replay: the same samples.
+    for flag in ("--cuda-graph", "--no-cuda-graph"):
+        ddpm_cli("sample", str(tiny_run), "--num", "3", "--steps", "5", "--out", f"{flag[2:]}.npz", flag, "--quiet",
+                 cwd=tmp_path)
+    graph, plain = (np.load(tmp_path / f"{flag}.npz")["arr_0"] for flag in ("cuda-graph", "no-cuda-graph"))
+    assert graph.shape == (3, 8, 8, 1) and np.array_equal(graph, plain)
+
+
 def test_point_runs_write_float_npz_and_scatter(tmp_path):
     ddpm_cli("train", "--preset", "toy2d", "--out", "pts", "--steps", "5", "--checkpoint-every", "5",
              "--model-overrides", '{"hidden_dim": 32, "num_blocks": 1}', "--num-examples", "500", "--heldout", "50",

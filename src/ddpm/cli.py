@@ -129,6 +129,8 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         help="also save the denoising of the first images as a strip (.png) or animation (.gif)")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                        help="replay each sampling step as a CUDA graph (default: on a CUDA device)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -192,7 +194,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     samples = run.sample(args.num, sampler=sampler, steps=steps, eta=args.eta, clip=args.clip, ema=not args.raw,
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                         callback=record if trajectory is not None else None)
+                         callback=record if trajectory is not None else None, cuda_graph=args.cuda_graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
     if suffix == ".npz":

@@ -39,11 +39,13 @@ class Run:
     def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
                clip: bool | None = None, ema: bool = True, batch_size: int | None = None, seed: int = 0,
                generator: torch.Generator | None = None,
-               callback: Callable[[SamplerStep], None] | None = None, progress: bool = False) -> Tensor:
+               callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
+               cuda_graph: bool | None = None) -> Tensor:
         """Draw ``n`` samples (n, *sample_shape) on the CPU; options default to the run's [sample] config.
 
         batch_size: how many to draw at once (default all n). seed: used when no generator is given.
-        clip applies to images only (points have no bounded range).
+        clip applies to images only (points have no bounded range). cuda_graph: as in ``ddpm.sample``
+        (default: replay each step as a CUDA graph on a CUDA device).
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n = {n!r} is not allowed; ask for at least 1 sample")
@@ -63,7 +65,8 @@ class Run:
             count = min(batch_size, n - start)
             parts.append(sample(model, self.schedule, (count, *self.sample_shape), sampler=sampler, steps=steps,
                                 eta=eta, clip_denoised=clip, prediction=self.config.diffusion.prediction,
-                                generator=generator, callback=callback, progress=progress).cpu())
+                                generator=generator, callback=callback, progress=progress,
+                                cuda_graph=cuda_graph).cpu())
         return torch.cat(parts)
 
     def default_steps(self, sampler: str) -> int | None:

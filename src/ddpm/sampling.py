@@ -140,6 +140,7 @@ def sample(
     noise: Tensor | None = None,
     callback: Callable[[SamplerStep], None] | None = None,
     progress: bool = False,
+    cuda_graph: bool | None = None,
 ) -> Tensor:
     """Draw samples of ``shape`` (B, ...) from the reverse process of a trained model.
 
@@ -151,8 +152,14 @@ def sample(
     clip_denoised: clip the predicted x0 to [-1, 1] before using it (the x0-clipped variant).
     noise: the starting x_T (default: drawn from ``generator``). Returns x_0, shape ``shape``.
     The callback receives a ``SamplerStep`` after every step.
+    cuda_graph: record one step (network, x0/eps and the update) as a CUDA graph and replay it for
+      every later step, which removes the per-kernel launch cost; same numbers as without. None (the
+      default): on a CUDA device, not elsewhere. True elsewhere runs the graph's fixed-buffer walk
+      without a graph (what the CPU tests check); False never.
     """
     _check_options(schedule, sampler, eta, variance, prediction)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True, False or None; got {cuda_graph!r}")
     # Inference mode: no autograd bookkeeping at all. The result is cloned outside it, so the caller
     # gets an ordinary tensor (an inference tensor cannot be changed in place afterwards).
     with torch.inference_mode():
@@ -173,22 +180,79 @@ def sample(
         else:
             x = noise.to(device, torch.float32)
         stochastic = sampler == "ddpm" or eta > 0.0
+        # One row of step coefficients per step: what the update of step i reads besides x_t and z.
+        if sampler == "ddpm":
+            rows = torch.stack([coefs.posterior_coef1, coefs.posterior_coef2, noise_std.square()], dim=1)
+        else:
+            rows = torch.stack([coefs.alpha_bar_prev, noise_std], dim=1)
 
+        def step(x: Tensor, t_batch: Tensor, row: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+            pred_x0, pred_eps = denoise(schedule, model(x, t_batch), x, t_batch, prediction, clip_denoised)
+            if sampler == "ddpm":
+                return pred_x0, ddpm_step(x, pred_x0, row[0], row[1], row[2], z)
+            return pred_x0, ddim_step(pred_x0, pred_eps, row[0], row[1], z)
+
+        if cuda_graph or (cuda_graph is None and device.type == "cuda"):
+            step = _FixedBuffers(step, x, rows.shape[1], stochastic, capture=device.type == "cuda")
         for i, t in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress)):
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            pred_x0, pred_eps = denoise(schedule, model(x, t_batch), x, t_batch, prediction, clip_denoised)
             last = i == len(timesteps) - 1
             # Algorithm 2, line 3: no noise is added on the final step (t = 0 here, t = 1 in the paper).
             z = torch.randn(shape, generator=generator, device=device) if stochastic and not last else None
-            if sampler == "ddpm":
-                x_prev = ddpm_step(x, pred_x0, coefs.posterior_coef1[i], coefs.posterior_coef2[i],
-                                   noise_std[i].square(), z)
-            else:
-                x_prev = ddim_step(pred_x0, pred_eps, coefs.alpha_bar_prev[i], noise_std[i], z)
+            pred_x0, x_prev = step(x, t_batch, rows[i], z)
             if callback is not None:
-                callback(SamplerStep(i, t, x, pred_x0, x_prev))
+                x_t = x
+                if isinstance(step, _FixedBuffers):  # the next step overwrites its tensors
+                    x_t, pred_x0, x_prev = step.x.clone(), pred_x0.clone(), x_prev.clone()
+                callback(SamplerStep(i, t, x_t, pred_x0, x_prev))
             x = x_prev
     return x.clone()
+
+
+class _FixedBuffers:
+    """A sampler step that reads and writes the same tensors at every call, so that on CUDA it can be
+    recorded once as a CUDA graph and replayed (``capture``); without ``capture`` it runs eagerly on
+    those tensors, which is what the tests compare with the plain loop.
+
+    Each call copies x_t, t, the step's coefficient row and the noise into the fixed inputs (no noise
+    is drawn inside: the generator stays where the plain loop leaves it) and returns the fixed
+    outputs (pred_x0, x_prev). The first call runs the step for real, on a side stream when
+    capturing, which is the warm-up CUDA graphs need; the graph is recorded after it.
+    """
+
+    def __init__(self, step: Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
+                 x: Tensor, row_size: int, stochastic: bool, capture: bool):
+        self.step, self.capture = step, capture
+        self.x = torch.empty_like(x)
+        self.t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        self.row = torch.empty(row_size, device=x.device)
+        # A step without noise (the last one) gets z = 0: x_prev + sigma * 0 is x_prev exactly.
+        self.z = torch.empty_like(x) if stochastic else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, x: Tensor, t: Tensor, row: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor]:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.row.copy_(row)
+        if self.z is not None and z is not None:
+            self.z.copy_(z)
+        elif self.z is not None:
+            self.z.zero_()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if not self.capture:
+            return self.step(self.x, self.t, self.row, self.z)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first = self.step(self.x, self.t, self.row, self.z)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.step(self.x, self.t, self.row, self.z)
+        return first
 
 
 def ddim_invert(
