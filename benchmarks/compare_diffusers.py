@@ -3,7 +3,7 @@
     pip install -c constraints.txt -e '.[bench]'      # diffusers, for this script only
     python benchmarks/compare_diffusers.py [--threads 2] [--only mnist cifar sampling]
                                            [--precision fp32 bf16] [--allocator ddpm|default]
-                                           [--json FILE] [--quick]
+                                           [--device cpu|cuda] [--compile] [--json FILE] [--quick]
 
 What is compared (each pair has the same parameter count; the script prints both FLOP counts):
   mnist     training steps of a small U-Net on 1x28x28, batch 64: diffusers' UNet2DModel with block
@@ -39,6 +39,12 @@ ddpm's side is laid out and optimised as `ddpm train` does by default: channels-
 in bf16 on a CPU), fused AdamW; diffusers' side as its training example does: default layout and
 PyTorch's default AdamW. The process's malloc is set up as the `ddpm` command sets it
 (ddpm.allocator.keep_freed_memory) unless --allocator default; either way both sides share it.
+
+--device cuda runs the same comparison on a GPU, with larger training batches (128; the paper's for
+CIFAR-10), ten steps per timed round, every timing between two torch.cuda.synchronize() calls, and
+the peak from 8192x8192 products. There ddpm samples with its default CUDA-graph replay, and the
+DDIM row is also run with ddpm's cuda_graph=False to show what the graph gives. --compile wraps both
+sides' networks in torch.compile for the training rows.
 """
 
 from __future__ import annotations
@@ -100,12 +106,16 @@ class Settings(NamedTuple):
     rounds: int
     sampling_rounds: int
     matmul_size: int
+    steps_per_round: int = 1  # training steps timed together as one round
 
 
 FULL = Settings(mnist_batch=64, cifar_batch=32, sample_batch=16, ddim_steps=50, ddpm_steps=100,
                 warmup=2, rounds=7, sampling_rounds=3, matmul_size=2048)
 QUICK = Settings(mnist_batch=8, cifar_batch=2, sample_batch=2, ddim_steps=5, ddpm_steps=5,
                  warmup=1, rounds=2, sampling_rounds=2, matmul_size=512)
+# On a GPU a step takes milliseconds: bigger batches, more rounds, ten steps per timed round.
+CUDA = Settings(mnist_batch=128, cifar_batch=128, sample_batch=16, ddim_steps=50, ddpm_steps=200,
+                warmup=3, rounds=11, sampling_rounds=5, matmul_size=8192, steps_per_round=10)
 
 
 # --- FLOPs and the machine's peak ------------------------------------------------------------------
@@ -133,57 +143,66 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+def matmul_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
     """FLOP/s of the fastest of ``repeats`` (n x n) @ (n x n) products in ``dtype``."""
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     for _ in range(2):
         torch.mm(a, b)
     best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * n**3 / best
 
 
-def conv_peak(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+def conv_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
     """FLOP/s of the fastest of ``repeats`` 1x1 convolutions from n to n channels over 8x32x32 positions:
     the same matrix product as torch.mm, but run by oneDNN, the library behind CPU convolutions
     (torch.mm runs in MKL, which on some CPUs, AMD's among them, does not reach the machine's peak)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, n, 32, 32, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(n, n, 1, 1, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, n, 32, 32, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
     for _ in range(2):
         F.conv2d(x, w)
     best = min(_seconds(lambda: F.conv2d(x, w)) for _ in range(repeats))
     return 2 * 8 * 32 * 32 * n * n / best
 
 
-def machine_peak(n: int) -> dict[str, dict[str, float]]:
+def machine_peak(n: int, device: torch.device) -> dict[str, dict[str, float]]:
     """The best matmul FLOP/s per precision: {"fp32": {"mm": ..., "conv1x1": ...}, "bf16": {...}}."""
-    return {p: {"mm": matmul_peak(n, d), "conv1x1": conv_peak(n // 2, d)}
+    return {p: {"mm": matmul_peak(n, d, device), "conv1x1": conv_peak(n // 2, d, device)}
             for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a GPU's work is timed when it is done, not when it is queued
+
+
 def _seconds(fn: Callable[[], Any]) -> float:
+    _synchronize()
     start = time.perf_counter()
     fn()
+    _synchronize()
     return time.perf_counter() - start
 
 
 # --- the two sides ---------------------------------------------------------------------------------
 
-def ddpm_unet(preset: str, precision: str = "fp32", **overrides: Any) -> nn.Module:
-    """ddpm's network laid out as `ddpm train` does by default for ``precision`` on a CPU
-    (training.wants_channels_last: channels-last, except in bf16); `ddpm.load` samples channels-last."""
-    model = build_model(preset, seed=0, **overrides)
+def ddpm_unet(preset: str, precision: str = "fp32", device: torch.device = torch.device("cpu"),
+              **overrides: Any) -> nn.Module:
+    """ddpm's network laid out as `ddpm train` does by default for ``precision`` on ``device``
+    (training.wants_channels_last: channels-last, except in bf16 on a CPU); `ddpm.load` samples
+    channels-last."""
+    model = build_model(preset, seed=0, **overrides).to(device)
     config = build_config("mnist", {"train": {"precision": precision}})
-    return use_channels_last(model) if wants_channels_last(config, torch.device("cpu")) else model
+    return use_channels_last(model) if wants_channels_last(config, device) else model
 
 
-def diffusers_unet(config: dict[str, Any], seed: int) -> nn.Module:
+def diffusers_unet(config: dict[str, Any], seed: int, device: torch.device = torch.device("cpu")) -> nn.Module:
     from diffusers import UNet2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel(**config)
+        return UNet2DModel(**config).to(device)
 
 
 class Batch(NamedTuple):
@@ -192,10 +211,12 @@ class Batch(NamedTuple):
     noise: Tensor  # (B, C, H, W)
 
 
-def batches(shape: tuple[int, ...], count: int, seed: int = 0) -> list[Batch]:
+def batches(shape: tuple[int, ...], count: int, device: torch.device, seed: int = 0) -> list[Batch]:
     g = torch.Generator().manual_seed(seed)
-    return [Batch(torch.rand(shape, generator=g) * 2 - 1, torch.randint(0, NUM_STEPS, (shape[0],), generator=g),
-                  torch.randn(shape, generator=g)) for _ in range(count)]
+    return [Batch(*(x.to(device) for x in (torch.rand(shape, generator=g) * 2 - 1,
+                                          torch.randint(0, NUM_STEPS, (shape[0],), generator=g),
+                                          torch.randn(shape, generator=g))))
+            for _ in range(count)]
 
 
 def ddpm_train_step(model: nn.Module, schedule: ddpm.NoiseSchedule, optimizer: torch.optim.Optimizer,
@@ -220,7 +241,7 @@ def diffusers_train_step(model: nn.Module, scheduler: Any, optimizer: torch.opti
 
 
 def ddpm_sampler(model: nn.Module, schedule: ddpm.NoiseSchedule, shape: tuple[int, ...], sampler: str,
-                 steps: int, run_steps: int) -> Callable[[], None]:
+                 steps: int, run_steps: int, cuda_graph: bool | None = None) -> Callable[[], None]:
     """One sampling run of ``steps`` steps, stopped after the first ``run_steps`` of them."""
 
     class Enough(Exception):
@@ -231,9 +252,9 @@ def ddpm_sampler(model: nn.Module, schedule: ddpm.NoiseSchedule, shape: tuple[in
             raise Enough
 
     def run() -> None:
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator(schedule.device).manual_seed(1)
         try:
-            ddpm.sample(model, schedule, shape, sampler=sampler, steps=steps, generator=g,
+            ddpm.sample(model, schedule, shape, sampler=sampler, steps=steps, generator=g, cuda_graph=cuda_graph,
                         clip_denoised=sampler == "ddpm", callback=stop_early if run_steps < steps else None)
         except Enough:
             pass
@@ -241,7 +262,7 @@ def ddpm_sampler(model: nn.Module, schedule: ddpm.NoiseSchedule, shape: tuple[in
 
 
 def diffusers_sampler(model: nn.Module, shape: tuple[int, ...], sampler: str, steps: int,
-                      run_steps: int) -> Callable[[], None]:
+                      run_steps: int, device: torch.device = torch.device("cpu")) -> Callable[[], None]:
     """The loop of diffusers' DDPMPipeline / DDIMPipeline, over the first ``run_steps`` of ``steps``."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -252,9 +273,9 @@ def diffusers_sampler(model: nn.Module, shape: tuple[int, ...], sampler: str, st
 
     @torch.no_grad()
     def run() -> None:
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator(device).manual_seed(1)
         scheduler.set_timesteps(steps)
-        x = torch.randn(shape, generator=g)
+        x = torch.randn(shape, generator=g, device=device)
         for t in scheduler.timesteps[:run_steps]:
             eps = model(x, t).sample
             if sampler == "ddim":
@@ -293,60 +314,90 @@ def alternate(ours: Callable[[], Any], theirs: Callable[[], Any], warmup: int, r
 
 # --- the comparisons -------------------------------------------------------------------------------
 
-def training_steps(ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...],
-                   precision: str) -> tuple[Callable[[], None], Callable[[], None]]:
-    """One training step of each side per call, on the same batches, timesteps and noise."""
+def training_steps(ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...], precision: str,
+                   device: torch.device = torch.device("cpu"), compile: bool = False,
+                   steps: int = 1) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``steps`` training steps of each side per call, on the same batches, timesteps and noise;
+    ``compile``: through torch.compile'd networks (the optimisers update the same parameters)."""
     from diffusers import DDPMScheduler
 
-    schedule = ddpm.NoiseSchedule("linear", NUM_STEPS)
+    schedule = ddpm.NoiseSchedule("linear", NUM_STEPS).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=NUM_STEPS, beta_schedule="linear")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     ours.train()
     theirs.train()
     # Each side's optimiser as its training code builds it: ddpm's (fused AdamW by default) and
     # PyTorch's default AdamW in diffusers' examples; the same hyper-parameters on both sides.
     opt_ours = build_optimizer(ours, build_config("mnist", {"train": {"lr": LR, "weight_decay": 0.01}}))
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=LR, weight_decay=0.01)
-    data = batches(shape, 4)
+    data = batches(shape, 4, device)
     next_ours, next_theirs = (itertools.cycle(data) for _ in range(2))  # both sides see the same sequence
+    net_ours, net_theirs = (torch.compile(ours), torch.compile(theirs)) if compile else (ours, theirs)
 
     def step_ours() -> None:
-        ddpm_train_step(ours, schedule, opt_ours, next(next_ours), autocast)
+        for _ in range(steps):
+            ddpm_train_step(net_ours, schedule, opt_ours, next(next_ours), autocast)
 
     def step_theirs() -> None:
-        diffusers_train_step(theirs, scheduler, opt_theirs, next(next_theirs), autocast)
+        for _ in range(steps):
+            diffusers_train_step(net_theirs, scheduler, opt_theirs, next(next_theirs), autocast)
 
     return step_ours, step_theirs
 
 
 def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple[int, ...],
-                     precision: str, settings: Settings) -> dict[str, Any]:
-    step_ours, step_theirs = training_steps(ours, theirs, shape, precision)
-    flops_ours, flops_theirs = count_flops(step_ours), count_flops(step_theirs)
+                     precision: str, settings: Settings, device: torch.device = torch.device("cpu"),
+                     compile: bool = False) -> dict[str, Any]:
+    k = settings.steps_per_round
+    flops_ours, flops_theirs = (count_flops(step) for step in training_steps(ours, theirs, shape, precision, device))
+    step_ours, step_theirs = training_steps(ours, theirs, shape, precision, device, compile, steps=k)
     result = alternate(step_ours, step_theirs, settings.warmup, settings.rounds)
     return {
         "work": f"train {name}", "precision": precision, "batch": shape[0], "unit": "images/s",
         "params_ddpm": _params(ours), "params_diffusers": _params(theirs),
         "flops_per_image_ddpm": flops_ours / shape[0], "flops_per_image_diffusers": flops_theirs / shape[0],
-        "seconds_ddpm": result.ddpm_s, "seconds_diffusers": result.diffusers_s, "speedup": result.speedup,
+        "steps_per_round": k, "compile": compile, "seconds_ddpm": [s / k for s in result.ddpm_s],
+        "seconds_diffusers": [s / k for s in result.diffusers_s], "speedup": result.speedup,
+        **({"peak_memory_mib": _peak_memory(device, step_ours, step_theirs)} if device.type == "cuda" else {}),
     }
 
 
+def _peak_memory(device: torch.device, *steps: Callable[[], None]) -> list[float]:
+    """The GPU memory each step needs at its peak, MiB (after a step of each, so optimiser states exist)."""
+    peaks = []
+    for step in steps:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    return peaks
+
+
 def compare_sampling(sampler: str, steps: int, run_steps: int, ours: nn.Module, theirs: nn.Module,
-                     shape: tuple[int, ...], settings: Settings) -> dict[str, Any]:
+                     shape: tuple[int, ...], settings: Settings,
+                     device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     ours.eval()
     theirs.eval()
-    schedule = ddpm.NoiseSchedule("linear", NUM_STEPS)
+    schedule = ddpm.NoiseSchedule("linear", NUM_STEPS).to(device)
     result = alternate(ddpm_sampler(ours, schedule, shape, sampler, steps, run_steps),
-                       diffusers_sampler(theirs, shape, sampler, steps, run_steps),
+                       diffusers_sampler(theirs, shape, sampler, steps, run_steps, device),
                        1, settings.sampling_rounds)
     scale = steps / run_steps  # extrapolation from the steps run to the whole walk
-    return {
+    row = {
         "work": f"sample {sampler.upper()}-{steps}", "precision": "fp32", "batch": shape[0], "unit": "s/image",
         "steps_run": run_steps, "steps": steps,
         "seconds_ddpm": [s * scale for s in result.ddpm_s],
         "seconds_diffusers": [s * scale for s in result.diffusers_s], "speedup": result.speedup,
     }
+    if device.type == "cuda" and run_steps == steps:
+        # ddpm with its CUDA-graph replay (the default there) against ddpm without it.
+        graph = alternate(ddpm_sampler(ours, schedule, shape, sampler, steps, run_steps, cuda_graph=True),
+                          ddpm_sampler(ours, schedule, shape, sampler, steps, run_steps, cuda_graph=False),
+                          1, settings.sampling_rounds)
+        row.update(seconds_ddpm_graph=graph.ddpm_s, seconds_ddpm_no_graph=graph.diffusers_s,
+                   cuda_graph_speedup=graph.speedup)
+    return row
 
 
 def _params(model: nn.Module) -> int:
@@ -419,6 +470,9 @@ def main() -> None:
     parser.add_argument("--allocator", choices=("ddpm", "default"), default="ddpm",
                         help="ddpm (default): glibc's malloc set up as the `ddpm` command does "
                              "(ddpm.allocator.keep_freed_memory), for both sides; default: as it comes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides run (default cpu); cuda: batch 128, 10 steps per round")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks for the training rows")
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="tiny batches and rounds: a smoke test of the script, not a measurement")
@@ -427,7 +481,10 @@ def main() -> None:
         import diffusers
     except ImportError:
         parser.exit(2, "compare_diffusers.py needs diffusers: pip install -c constraints.txt -e '.[bench]'\n")
-    settings = QUICK if args.quick else FULL
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "--device cuda: this torch sees no CUDA device\n")
+    settings = QUICK if args.quick else CUDA if device.type == "cuda" else FULL
     if args.rounds is not None:
         settings = settings._replace(rounds=args.rounds)
     if args.ddpm_steps is not None:
@@ -435,34 +492,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     allocator = "keep_freed_memory" if args.allocator == "ddpm" and keep_freed_memory() else "default"
     info = {**machine(), "diffusers": diffusers.__version__, "settings": settings._asdict(),
-            "allocator": allocator, "loadavg_before": load_average()}
-    print(f"{info['cpu']} ({', '.join(info['features'])}), torch {info['torch']}, diffusers {info['diffusers']}, "
-          f"{info['threads']} threads, malloc {allocator}; load average before: {info['loadavg_before']}"
+            "allocator": allocator, "loadavg_before": load_average(), "device": args.device,
+            "compile": args.compile}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    print(f"{info.get('gpu', info['cpu'])}: {info['cpu']} ({', '.join(info['features'])}), torch {info['torch']}, "
+          f"diffusers {info['diffusers']}, {info['threads']} threads, malloc {allocator}"
+          f"{', torch.compile' if args.compile else ''}; load average before: {info['loadavg_before']}"
           + ("; --quick: a smoke test, not a measurement" if args.quick else ""), flush=True)
 
-    peaks_before = machine_peak(settings.matmul_size)
+    peaks_before = machine_peak(settings.matmul_size, device)
     rows = []
     mnist_shape = (1, 28, 28)
     if "mnist" in args.only:
         for precision in args.precision:
             rows.append(compare_training(
-                "unet-mnist (1.1M)", ddpm_unet("unet-mnist", precision, **DDPM_MNIST),
-                diffusers_unet(DIFFUSERS_MNIST, 0), (settings.mnist_batch, *mnist_shape), precision, settings))
+                "unet-mnist (1.1M)", ddpm_unet("unet-mnist", precision, device, **DDPM_MNIST),
+                diffusers_unet(DIFFUSERS_MNIST, 0, device), (settings.mnist_batch, *mnist_shape), precision,
+                settings, device, args.compile))
             print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "cifar" in args.only:
         for precision in args.precision:
             rows.append(compare_training(
-                "unet-cifar10 (35.7M)", ddpm_unet("unet-cifar10", precision), diffusers_unet(DIFFUSERS_CIFAR10, 0),
-                (settings.cifar_batch, 3, 32, 32), precision, settings))
+                "unet-cifar10 (35.7M)", ddpm_unet("unet-cifar10", precision, device),
+                diffusers_unet(DIFFUSERS_CIFAR10, 0, device), (settings.cifar_batch, 3, 32, 32), precision,
+                settings, device, args.compile))
             print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "sampling" in args.only:
-        ours, theirs = ddpm_unet("unet-mnist", **DDPM_MNIST), diffusers_unet(DIFFUSERS_MNIST, 0)
+        ours = ddpm_unet("unet-mnist", device=device, **DDPM_MNIST)
+        theirs = diffusers_unet(DIFFUSERS_MNIST, 0, device)
         shape = (settings.sample_batch, *mnist_shape)
-        rows.append(compare_sampling("ddim", settings.ddim_steps, settings.ddim_steps, ours, theirs, shape, settings))
+        rows.append(compare_sampling("ddim", settings.ddim_steps, settings.ddim_steps, ours, theirs, shape, settings,
+                                     device))
         print(f"  done: {rows[-1]['work']}", flush=True)
-        rows.append(compare_sampling("ddpm", NUM_STEPS, settings.ddpm_steps, ours, theirs, shape, settings))
+        rows.append(compare_sampling("ddpm", NUM_STEPS, settings.ddpm_steps, ours, theirs, shape, settings, device))
         print(f"  done: {rows[-1]['work']}", flush=True)
-    peaks_after = machine_peak(settings.matmul_size)
+    peaks_after = machine_peak(settings.matmul_size, device)
     peak = {p: max(*peaks_before[p].values(), *peaks_after[p].values()) for p in peaks_before}
     info.update(loadavg_after=load_average(), matmul_peak_before=peaks_before, matmul_peak_after=peaks_after)
 
@@ -488,6 +553,14 @@ def main() -> None:
         else:
             print(f"{row['work']}: {row['steps_run']} of {row['steps']} steps run, times scaled by "
                   f"{row['steps'] / row['steps_run']:g}")
+        if "cuda_graph_speedup" in row:
+            print(f"{row['work']}: ddpm with its CUDA-graph replay against without: {row['cuda_graph_speedup']:.2f}x "
+                  f"({statistics.median(row['seconds_ddpm_no_graph']) * 1e3:.1f} -> "
+                  f"{statistics.median(row['seconds_ddpm_graph']) * 1e3:.1f} ms per run)")
+    for row in rows:
+        if "peak_memory_mib" in row:
+            print(f"{row['work']} {row['precision']}: peak GPU memory ddpm {row['peak_memory_mib'][0]:.0f} MiB, "
+                  f"diffusers {row['peak_memory_mib'][1]:.0f} MiB")
     by_precision = {(row["work"], row["precision"]): row for row in rows if "params_ddpm" in row}
     for (work, precision), row in by_precision.items():
         fp32 = by_precision.get((work, "fp32"))

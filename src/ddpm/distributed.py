@@ -34,6 +34,9 @@ __all__ = ["World", "SINGLE", "launched", "process_group", "is_failure", "DEFAUL
 # others); it must exceed the longest thing one process does alone (writing a checkpoint).
 DEFAULT_TIMEOUT_S = 1800
 T = TypeVar("T")
+# A gloo group over the same processes when the main group is NCCL's, for the one exchange every step
+# makes (the stop signal): on the host, so that no step waits for its GPU. None: use the main group.
+_host_group: dist.ProcessGroup | None = None
 
 
 class ElsewhereError(ValueError):
@@ -89,12 +92,12 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
-    def agree_signal(self, received: int | None, device: torch.device) -> int | None:
+    def agree_signal(self, received: int | None) -> int | None:
         """The stop signal any process received (the same answer on every process), or None."""
         if not self.active:
             return received
-        flag = torch.tensor(received or 0, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor(received or 0)  # a host tensor: agreeing needs no wait for the GPU
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group)
         return int(flag.item()) or None
 
     def barrier(self) -> None:
@@ -155,6 +158,8 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         torch.cuda.set_device(device)
     timeout = float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    global _host_group
+    _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if device.type == "cuda" else None
     try:
         yield
     except BaseException as error:
@@ -169,7 +174,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     # runs on this machine; 1 of 160 with the barrier; cli.main's os._exit does the rest, see
     # docs/distributed.md).
     dist.barrier()
-    dist.destroy_process_group()
+    dist.destroy_process_group()  # every group, the host group too
 
 
 def is_failure(error: BaseException) -> bool:

@@ -217,7 +217,7 @@ class _FixedBuffers:
     Each call copies x_t, t, the step's coefficient row and the noise into the fixed inputs (no noise
     is drawn inside: the generator stays where the plain loop leaves it) and returns the fixed
     outputs (pred_x0, x_prev). The first call runs the step for real, on a side stream when
-    capturing, which is the warm-up CUDA graphs need; the graph is recorded after it.
+    capturing, which is the warm-up CUDA graphs need; the graph is recorded after it, on that stream.
     """
 
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
@@ -250,7 +250,8 @@ class _FixedBuffers:
             first = self.step(self.x, self.t, self.row, self.z)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Recorded on the warm-up's stream: libraries' per-stream handles and workspaces already exist.
+        with torch.cuda.graph(self.graph, stream=side):
             self.outputs = self.step(self.x, self.t, self.row, self.z)
         return first
 

@@ -534,10 +534,12 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     metrics.log(step, values)
                 if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
                     last_checkpoint = save()
-                if world.is_main and ((t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps):
-                    window.raise_if_non_finite(last_checkpoint)
-                    save_samples(ema_model, schedule, config, dataset, run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
-                stop_signal = world.agree_signal(stop.received, device)  # every process stops at the same step
+                if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps:
+                    window.raise_if_non_finite(last_checkpoint)  # on every process, as they all know the loss
+                    if world.is_main:
+                        save_samples(ema_model, schedule, config, dataset,
+                                     run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
+                stop_signal = world.agree_signal(stop.received)  # every process stops at the same step
                 if stop_signal is not None:
                     if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
                         last_checkpoint = save()

@@ -427,11 +427,12 @@ def uniform_like(x: Tensor) -> Tensor:
     generator, as nn.Dropout's masks do, and each other slice from a generator seeded by one draw of
     the global one. So the global seed still decides every mask, and the draws are independent
     U[0, 1) values as before (tests/test_models.py); they are not rand_like's numbers. Elsewhere
-    (GPU, one thread, small tensors) this is torch.rand_like(x, dtype=torch.float32).
+    (GPU, one thread, small tensors, and inside torch.compile, whose graph the thread pool would
+    break) this is torch.rand_like(x, dtype=torch.float32).
     """
     global _RNG_POOL
     parts = min(torch.get_num_threads(), _MAX_RNG_SLICES)
-    if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16:
+    if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16 or torch.compiler.is_compiling():
         return torch.rand_like(x, dtype=torch.float32)
     if _RNG_POOL is None or _RNG_POOL[0] != os.getpid():
         # A forked child inherits the pool but not its threads: it gets a pool of its own. The pool

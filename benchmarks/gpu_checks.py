@@ -1,0 +1,150 @@
+"""What ddpm does only on a CUDA device, checked there (the CPU tests cannot): run by gpu_check.sh.
+
+    python benchmarks/gpu_checks.py          # exits 1 if a check fails; prints one line per check
+
+1. ``ddpm.sample`` with its CUDA-graph replay gives the numbers of the plain loop (DDPM with x0
+   clipping, DDIM with eta 0 and 0.5) and leaves the generator where the plain loop leaves it.
+2. A CUDA-graph walk is faster than the plain one (DDIM-50, the small U-Net, batch 16).
+3. A training step makes no host sync: ``ddpm.train`` of 6 and of 30 steps (logging, checkpoints
+   and samples only at the end) make the same number of them, counted as the CPU test counts them,
+   and under torch.cuda.set_sync_debug_mode("warn") no warning comes from inside the loop's steps.
+4. ``ddpm train`` keeps the dataset on the GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ddpm
+from ddpm.config import build_config
+from ddpm.models import use_channels_last
+from ddpm.training import train
+
+FAILED: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def small_unet(device: torch.device) -> torch.nn.Module:
+    model = ddpm.models.build_model("unet-mnist", seed=0, attention_resolutions=(14,)).to(device).eval()
+    with torch.no_grad():  # the last conv starts at zero: give every weight a value
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return use_channels_last(model)  # as ddpm.load gives it
+
+
+def graph_gives_plain_numbers(device: torch.device) -> None:
+    model = small_unet(device)
+    schedule = ddpm.NoiseSchedule("linear", 1000).to(device)
+    for options in (dict(sampler="ddpm", steps=50, clip_denoised=True), dict(sampler="ddim", steps=50),
+                    dict(sampler="ddim", steps=50, eta=0.5)):
+        out = {}
+        for graph in (False, True):
+            g = torch.Generator(device).manual_seed(0)
+            out[graph] = ddpm.sample(model, schedule, (16, 1, 28, 28), generator=g, cuda_graph=graph, **options), \
+                g.get_state()
+        diff = (out[True][0] - out[False][0]).abs().max().item()
+        same_rng = torch.equal(out[True][1], out[False][1])
+        check(f"graph = plain, {options}", diff <= 1e-5 and same_rng,
+              f"max |difference| {diff:.3g} (allowed 1e-5), generator states equal: {same_rng}")
+
+
+def graph_is_faster(device: torch.device) -> None:
+    model = small_unet(device)
+    schedule = ddpm.NoiseSchedule("linear", 1000).to(device)
+    seconds = {}
+    for graph in (False, True, False, True, False, True):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        ddpm.sample(model, schedule, (16, 1, 28, 28), sampler="ddim", steps=50, cuda_graph=graph,
+                    generator=torch.Generator(device).manual_seed(0))
+        torch.cuda.synchronize()
+        seconds.setdefault(graph, []).append(time.perf_counter() - start)
+    plain, graph = min(seconds[False]), min(seconds[True])
+    check("graph is faster", graph < plain,
+          f"DDIM-50, batch 16: {plain * 1e3:.1f} ms plain, {graph * 1e3:.1f} ms with the graph "
+          f"({plain / graph:.2f}x; best of 3 each, the first including the capture)")
+
+
+class HostSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_config(steps: int):
+    return build_config("square-fast", {
+        "diffusion": {"num_steps": 50},
+        "train": {"steps": steps, "log_every": steps, "checkpoint_every": steps, "sample_every": 0,
+                  "eval_every": 0, "tensorboard": False, "device": "cuda"},
+        "sample": {"sample_steps": 5, "num_samples": 4}})
+
+
+def training_makes_no_host_sync(root: Path) -> None:
+    counts = {}
+    for steps in (6, 30):
+        with HostSyncs() as syncs:
+            train(tiny_config(steps), root / f"sync{steps}", progress=False, log=lambda m: None)
+        counts[steps] = syncs.count
+    check("no host sync per step (counted)", counts[6] == counts[30],
+          f"{counts[6]} syncs in a 6-step run, {counts[30]} in a 30-step run")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(tiny_config(30), root / "debug", progress=False, log=lambda m: None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sources = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    print(f"     set_sync_debug_mode('warn') reported syncs at: {', '.join(sources) or 'nowhere'}")
+
+
+def data_stays_on_the_gpu(root: Path) -> None:
+    seen = []
+    original = ddpm.training.draw_batch
+
+    def spy(data, *args, **kwargs):
+        seen.append(data.device.type)
+        return original(data, *args, **kwargs)
+
+    ddpm.training.draw_batch = spy
+    try:
+        train(tiny_config(3), root / "data", progress=False, log=lambda m: None)
+    finally:
+        ddpm.training.draw_batch = original
+    check("dataset on the GPU", seen == ["cuda"] * 3, f"devices of the dataset each step: {seen}")
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_checks.py needs a CUDA device; this torch sees none", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    graph_gives_plain_numbers(device)
+    graph_is_faster(device)
+    with tempfile.TemporaryDirectory() as root:
+        training_makes_no_host_sync(Path(root))
+        data_stays_on_the_gpu(Path(root))
+    print(f"{len(FAILED)} check(s) failed" if FAILED else "all checks passed")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
