@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint as ckpt
 from ddpm import distributed
 from ddpm.config import Config, config_from_dict, config_to_dict
-from ddpm.data import DATASETS, Dataset, load_dataset, random_hflip
+from ddpm.data import DATASETS, Dataset, host_to_device, load_dataset, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
 from ddpm.models import build_model, model_config_dict, preset_config, use_channels_last
 from ddpm.models.mlp import ResidualMLPConfig
@@ -395,7 +395,7 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
 def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator, schedule: NoiseSchedule,
                batch_size: int, hflip: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The global batch: examples x0, timesteps t ~ U{0..T-1} (Algorithm 1, line 3) and noise eps."""
-    indices = order.next(batch_size).to(data.device)
+    indices = host_to_device(order.next(batch_size), data.device)
     x0 = data.index_select(0, indices)
     if hflip:
         x0 = random_hflip(x0, order.generator)

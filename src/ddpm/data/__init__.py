@@ -18,7 +18,7 @@ from ddpm.data.synthetic import (
     eight_gaussians_centres, make_8gaussians, make_checkerboard, make_gradients, make_moons, make_square,
     make_swissroll, nearest_gradient_distance,
 )
-from ddpm.data.transforms import convert_channels, random_hflip, resize_center_crop, uint8_to_float
+from ddpm.data.transforms import convert_channels, host_to_device, random_hflip, resize_center_crop, uint8_to_float
 
 __all__ = [
     "DATASETS", "Dataset", "list_datasets", "load_dataset",
@@ -29,5 +29,5 @@ __all__ = [
     "default_cache_dir", "md5_of", "verify_md5", "download_file", "download_mnist", "download_cifar10",
     "resolve_data_path",
     "list_image_files", "load_image_folder", "load_array",
-    "uint8_to_float", "convert_channels", "resize_center_crop", "random_hflip",
+    "uint8_to_float", "convert_channels", "resize_center_crop", "random_hflip", "host_to_device",
 ]

@@ -14,7 +14,7 @@ from torch import Tensor
 from ddpm.data._checks import require_channels, require_int
 from ddpm.data.errors import DataError
 
-__all__ = ["uint8_to_float", "convert_channels", "resize_center_crop", "random_hflip"]
+__all__ = ["uint8_to_float", "convert_channels", "resize_center_crop", "random_hflip", "host_to_device"]
 
 # ITU-R BT.601 luma weights: what Pillow's convert("L") uses, so arrays and image folders agree.
 _LUMA = (0.299, 0.587, 0.114)
@@ -75,5 +75,18 @@ def random_hflip(batch: Tensor, generator: torch.Generator) -> Tensor:
     if batch.ndim != 4:
         raise ValueError(f"random_hflip expects images (N, C, H, W); got shape {tuple(batch.shape)}")
     flip = torch.rand(batch.shape[0], generator=generator, device=generator.device) < 0.5
-    flip = flip.to(batch.device)[:, None, None, None]
+    flip = host_to_device(flip, batch.device)[:, None, None, None]
     return torch.where(flip, batch.flip(-1), batch)
+
+
+def host_to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x.to(device)`` without making the host wait for the GPU's queued work.
+
+    A copy from ordinary (pageable) host memory to a GPU waits until every kernel already queued has
+    finished; from pinned memory with ``non_blocking`` it is queued like a kernel (PyTorch's pinned
+    allocator keeps the source alive until the copy is done). So a training step that moves its
+    batch indices this way never stalls. Elsewhere this is ``x.to(device)``.
+    """
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
