@@ -16,7 +16,7 @@ What is compared (each pair has the same parameter count; the script prints both
             run and the time is extrapolated to 1000 (every step does the same work).
 
 A training step is what each library's documentation writes: noise the clean batch at the drawn
-timesteps (diffusers: scheduler.add_noise; ddpm: ddpm.training_loss), forward, MSE against the
+timesteps (diffusers: scheduler.add_noise; ddpm: the loss `ddpm train` computes), forward, MSE against the
 noise, backward, AdamW step, zero the gradients. Both sides get the same batches, timesteps and
 noise, train mode (dropout 0.1 on both) and the same AdamW settings; bf16 puts forward and loss
 under torch.autocast("cpu", torch.bfloat16) on both sides.
@@ -66,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import ddpm
 from ddpm.allocator import keep_freed_memory
 from ddpm.config import build_config
+from ddpm.diffusion import per_example_loss
 from ddpm.models import build_model, use_channels_last
 from ddpm.training import build_optimizer, wants_channels_last
 
@@ -221,8 +222,10 @@ def batches(shape: tuple[int, ...], count: int, device: torch.device, seed: int 
 
 def ddpm_train_step(model: nn.Module, schedule: ddpm.NoiseSchedule, optimizer: torch.optim.Optimizer,
                     batch: Batch, autocast: torch.autocast) -> None:
+    # As `ddpm train` does: the loss without training_loss's check of t's values, which would wait
+    # for a GPU at every step (on a CPU the two are the same).
     with autocast:
-        loss = ddpm.training_loss(model, schedule, batch.x0, t=batch.t, noise=batch.noise)
+        loss = per_example_loss(model, schedule, batch.x0, batch.t, batch.noise).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
