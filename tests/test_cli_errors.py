@@ -95,6 +95,7 @@ def assert_one_line_error(outcome: Outcome, *words: str, code: int = 2) -> None:
     assert "Traceback" not in outcome.stderr, describe(outcome)
     lines = outcome.stderr.splitlines()
     assert len(lines) == 1 and lines[0].strip(), f"stderr is not one line\n{describe(outcome)}"
+    assert ": error: ddpm" not in lines[0], f"the program named twice\n{describe(outcome)}"
     assert outcome.returncode == code, describe(outcome)
     for word in words:
         assert word.lower() in lines[0].lower(), f"{word!r} not in the message\n{describe(outcome)}"

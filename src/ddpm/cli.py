@@ -24,14 +24,18 @@ BAD_INPUT = 2
 
 
 class UsageError(ValueError):
-    """A command-line problem, reported in one line with exit code 2."""
+    """A command-line problem, reported in one line with exit code 2 as "PROG: error: MESSAGE"."""
+
+    def __init__(self, message: str, prog: str = "ddpm"):
+        super().__init__(message)
+        self.prog = prog  # "ddpm", or the subcommand's "ddpm sample" for argparse's own errors
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but its errors are one line (no usage block) and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message, self.prog)
 
 
 # --- ddpm train -----------------------------------------------------------------------------------
@@ -425,7 +429,7 @@ def _run(argv: Sequence[str] | None) -> int:
         return stop.exit_code
     except (UsageError, CheckpointError, ValueError) as error:
         if _is_main_process() or isinstance(error, RankError):  # what every process raises, rank 0 says
-            print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
+            print(f"{getattr(error, 'prog', 'ddpm')}: error: {_one_line(error)}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:
         print("ddpm: interrupted", file=sys.stderr)
