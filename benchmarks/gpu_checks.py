@@ -4,7 +4,8 @@
 
 1. ``ddpm.sample`` with its CUDA-graph replay gives the numbers of the plain loop (DDPM with x0
    clipping, DDIM with eta 0 and 0.5) and leaves the generator where the plain loop leaves it.
-2. A CUDA-graph walk is faster than the plain one (DDIM-50, the small U-Net, batch 16).
+2. A CUDA-graph walk is faster than the plain one (DDIM-50, the small U-Net, batch 16), and a model
+   that cannot be recorded (it reads a value on the host) gets an error that says what to do.
 3. A training step makes no host sync: ``ddpm.train`` of 6 and of 30 steps (logging, checkpoints
    and samples only at the end) make the same number of them, counted as the CPU test counts them
    and as torch.cuda.set_sync_debug_mode("warn") reports them (which sees pageable copies too).
@@ -77,6 +78,23 @@ def graph_is_faster(device: torch.device) -> None:
           f"({plain / graph:.2f}x; best of 3 each, the first including the capture)")
 
 
+def uncapturable_model_gets_a_clear_error(device: torch.device) -> None:
+    # A model that reads a value on the host cannot be recorded: the error must say what to do, and
+    # the GPU must still work afterwards (the same walk without the graph).
+    def model(x, t):
+        return x * float(x.abs().max())  # .item(): a sync, not allowed while recording
+
+    schedule = ddpm.NoiseSchedule("linear", 1000).to(device)
+    try:
+        ddpm.sample(model, schedule, (2, 1, 4, 4), sampler="ddim", steps=5)
+        message = "no error"
+    except RuntimeError as error:
+        message = str(error)
+    after = ddpm.sample(model, schedule, (2, 1, 4, 4), sampler="ddim", steps=5, cuda_graph=False)
+    check("clear error for a model a graph cannot record", "cuda_graph=False" in message and bool(after.isfinite().all()),
+          f"message: {message[:160]!r}; the plain walk afterwards ran: {tuple(after.shape)}")
+
+
 class HostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -144,6 +162,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     graph_gives_plain_numbers(device)
     graph_is_faster(device)
+    uncapturable_model_gets_a_clear_error(device)
     with tempfile.TemporaryDirectory() as root:
         training_makes_no_host_sync(Path(root))
         data_stays_on_the_gpu(Path(root))

@@ -250,9 +250,14 @@ class _FixedBuffers:
             first = self.step(self.x, self.t, self.row, self.z)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # Recorded on the warm-up's stream: libraries' per-stream handles and workspaces already exist.
-        with torch.cuda.graph(self.graph, stream=side):
-            self.outputs = self.step(self.x, self.t, self.row, self.z)
+        try:
+            # Recorded on the warm-up's stream: libraries' per-stream handles and workspaces already exist.
+            with torch.cuda.graph(self.graph, stream=side):
+                self.outputs = self.step(self.x, self.t, self.row, self.z)
+        except RuntimeError as error:  # e.g. a model that reads a value on the host (.item())
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RuntimeError(f"this model's step cannot be recorded as a CUDA graph ({first_line}); "
+                               f"sample with cuda_graph=False (ddpm sample --no-cuda-graph)") from error
         return first
 
 
