@@ -192,18 +192,18 @@ def sample(
                 return pred_x0, ddpm_step(x, pred_x0, row[0], row[1], row[2], z)
             return pred_x0, ddim_step(pred_x0, pred_eps, row[0], row[1], z)
 
-        if cuda_graph or (cuda_graph is None and device.type == "cuda"):
-            step = _FixedBuffers(step, x, rows.shape[1], stochastic, capture=device.type == "cuda")
+        fixed = (_FixedBuffers(step, x, rows.shape[1], stochastic, capture=device.type == "cuda")
+                 if cuda_graph or (cuda_graph is None and device.type == "cuda") else None)
         for i, t in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress)):
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
             last = i == len(timesteps) - 1
             # Algorithm 2, line 3: no noise is added on the final step (t = 0 here, t = 1 in the paper).
             z = torch.randn(shape, generator=generator, device=device) if stochastic and not last else None
-            pred_x0, x_prev = step(x, t_batch, rows[i], z)
+            pred_x0, x_prev = (fixed or step)(x, t_batch, rows[i], z)
             if callback is not None:
                 x_t = x
-                if isinstance(step, _FixedBuffers):  # the next step overwrites its tensors
-                    x_t, pred_x0, x_prev = step.x.clone(), pred_x0.clone(), x_prev.clone()
+                if fixed is not None:  # the next step overwrites its tensors
+                    x_t, pred_x0, x_prev = fixed.x.clone(), pred_x0.clone(), x_prev.clone()
                 callback(SamplerStep(i, t, x_t, pred_x0, x_prev))
             x = x_prev
     return x.clone()
