@@ -34,8 +34,9 @@ __all__ = ["World", "SINGLE", "launched", "process_group", "is_failure", "DEFAUL
 # others); it must exceed the longest thing one process does alone (writing a checkpoint).
 DEFAULT_TIMEOUT_S = 1800
 T = TypeVar("T")
-# A gloo group over the same processes when the main group is NCCL's, for the one exchange every step
-# makes (the stop signal): on the host, so that no step waits for its GPU. None: use the main group.
+# A gloo group over the same processes for the one exchange every step makes (the stop signal): on the
+# host, so that under NCCL no step waits for its GPU. Made on CPUs too (where the main group is gloo
+# already), so that the CPU tests run the code GPUs run. None outside a process group.
 _host_group: dist.ProcessGroup | None = None
 
 
@@ -159,7 +160,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     timeout = float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     global _host_group
-    _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if device.type == "cuda" else None
+    _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     try:
         yield
     except BaseException as error:
