@@ -490,6 +490,17 @@ def _draw_in_child() -> None:
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_uniform_like_stays_in_one_compiled_graph():
+    # The thread pool cannot be traced: inside torch.compile the draw is torch.rand_like, so a model
+    # with dropout compiles to one graph (fullgraph=True fails on any break).
+    from ddpm.models.unet import uniform_like
+
+    with torch_threads(2):
+        draw = torch.compile(lambda x: uniform_like(x) * 2.0, fullgraph=True, backend="eager")
+        u = draw(torch.empty(2**17))
+    assert u.dtype == torch.float32 and u.shape == (2**17,) and 0.0 <= u.min() and u.max() < 2.0
+
+
 def test_uniform_like_works_in_a_forked_child():
     # The parent's pool of drawing threads does not survive a fork; the child must not wait on it.
     from ddpm.models.unet import uniform_like

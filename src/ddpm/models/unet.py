@@ -431,8 +431,10 @@ def uniform_like(x: Tensor) -> Tensor:
     break) this is torch.rand_like(x, dtype=torch.float32).
     """
     global _RNG_POOL
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.numel() < 2**16:
+        return torch.rand_like(x, dtype=torch.float32)
     parts = min(torch.get_num_threads(), _MAX_RNG_SLICES)
-    if x.device.type != "cpu" or parts < 2 or x.numel() < 2**16 or torch.compiler.is_compiling():
+    if parts < 2:
         return torch.rand_like(x, dtype=torch.float32)
     if _RNG_POOL is None or _RNG_POOL[0] != os.getpid():
         # A forked child inherits the pool but not its threads: it gets a pool of its own. The pool
