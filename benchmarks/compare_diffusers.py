@@ -41,10 +41,12 @@ PyTorch's default AdamW. The process's malloc is set up as the `ddpm` command se
 (ddpm.allocator.keep_freed_memory) unless --allocator default; either way both sides share it.
 
 --device cuda runs the same comparison on a GPU, with larger training batches (128; the paper's for
-CIFAR-10), ten steps per timed round, every timing between two torch.cuda.synchronize() calls, and
-the peak from 8192x8192 products. There ddpm samples with its default CUDA-graph replay, and the
-DDIM row is also run with ddpm's cuda_graph=False to show what the graph gives. --compile wraps both
-sides' networks in torch.compile for the training rows.
+CIFAR-10), ten steps per timed round, every timing between two torch.cuda.synchronize() calls, the
+whole 1000-step DDPM walk (no extrapolation), and the peak from 8192x8192 products (fp32 as TF32,
+the arithmetic cuDNN gives fp32 convolutions by default). There ddpm samples with its default
+CUDA-graph replay, and the DDIM row is also run with ddpm's cuda_graph=False to show what the graph
+gives. --compile wraps both sides' networks in torch.compile for the training rows. With --json the
+file is rewritten after every row ("complete": false until the end), so a stopped run keeps its rows.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ FULL = Settings(mnist_batch=64, cifar_batch=32, sample_batch=16, ddim_steps=50, 
 QUICK = Settings(mnist_batch=8, cifar_batch=2, sample_batch=2, ddim_steps=5, ddpm_steps=5,
                  warmup=1, rounds=2, sampling_rounds=2, matmul_size=512)
 # On a GPU a step takes milliseconds: bigger batches, more rounds, ten steps per timed round.
-CUDA = Settings(mnist_batch=128, cifar_batch=128, sample_batch=16, ddim_steps=50, ddpm_steps=200,
+CUDA = Settings(mnist_batch=128, cifar_batch=128, sample_batch=16, ddim_steps=50, ddpm_steps=1000,
                 warmup=3, rounds=11, sampling_rounds=5, matmul_size=8192, steps_per_round=10)
 
 
@@ -168,9 +170,17 @@ def conv_peak(n: int, dtype: torch.dtype, device: torch.device, repeats: int = 1
 
 
 def machine_peak(n: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """The best matmul FLOP/s per precision: {"fp32": {"mm": ..., "conv1x1": ...}, "bf16": {...}}."""
-    return {p: {"mm": matmul_peak(n, d, device), "conv1x1": conv_peak(n // 2, d, device)}
-            for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    """The best matmul FLOP/s per precision: {"fp32": {"mm": ..., "conv1x1": ...}, "bf16": {...}}.
+
+    On CUDA "fp32" is measured with TF32 tensor cores allowed for both products: cuDNN runs fp32
+    convolutions in TF32 by default, so that is the arithmetic fp32 training gets there."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+    try:
+        return {p: {"mm": matmul_peak(n, d, device), "conv1x1": conv_peak(n // 2, d, device)}
+                for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _synchronize() -> None:
@@ -469,7 +479,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                         help="training precisions (default: both); sampling is fp32")
     parser.add_argument("--rounds", type=int, help="alternating timed rounds per training comparison (default 7)")
-    parser.add_argument("--ddpm-steps", type=int, help="steps of the 1000-step DDPM walk to run (default 100)")
+    parser.add_argument("--ddpm-steps", type=int, help="steps of the 1000-step DDPM walk to run (default 100; all on CUDA)")
     parser.add_argument("--allocator", choices=("ddpm", "default"), default="ddpm",
                         help="ddpm (default): glibc's malloc set up as the `ddpm` command does "
                              "(ddpm.allocator.keep_freed_memory), for both sides; default: as it comes")
@@ -507,29 +517,31 @@ def main() -> None:
     peaks_before = machine_peak(settings.matmul_size, device)
     rows = []
     mnist_shape = (1, 28, 28)
+
+    def done(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(f"  done: {row['work']} {row['precision']}", flush=True)
+        if args.json:  # the rows so far, in case the run is stopped before the end
+            args.json.write_text(json.dumps({"machine": info, "results": rows, "complete": False}, indent=2) + "\n")
+
     if "mnist" in args.only:
         for precision in args.precision:
-            rows.append(compare_training(
+            done(compare_training(
                 "unet-mnist (1.1M)", ddpm_unet("unet-mnist", precision, device, **DDPM_MNIST),
                 diffusers_unet(DIFFUSERS_MNIST, 0, device), (settings.mnist_batch, *mnist_shape), precision,
                 settings, device, args.compile))
-            print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "cifar" in args.only:
         for precision in args.precision:
-            rows.append(compare_training(
+            done(compare_training(
                 "unet-cifar10 (35.7M)", ddpm_unet("unet-cifar10", precision, device),
                 diffusers_unet(DIFFUSERS_CIFAR10, 0, device), (settings.cifar_batch, 3, 32, 32), precision,
                 settings, device, args.compile))
-            print(f"  done: {rows[-1]['work']} {precision}", flush=True)
     if "sampling" in args.only:
         ours = ddpm_unet("unet-mnist", device=device, **DDPM_MNIST)
         theirs = diffusers_unet(DIFFUSERS_MNIST, 0, device)
         shape = (settings.sample_batch, *mnist_shape)
-        rows.append(compare_sampling("ddim", settings.ddim_steps, settings.ddim_steps, ours, theirs, shape, settings,
-                                     device))
-        print(f"  done: {rows[-1]['work']}", flush=True)
-        rows.append(compare_sampling("ddpm", NUM_STEPS, settings.ddpm_steps, ours, theirs, shape, settings, device))
-        print(f"  done: {rows[-1]['work']}", flush=True)
+        done(compare_sampling("ddim", settings.ddim_steps, settings.ddim_steps, ours, theirs, shape, settings, device))
+        done(compare_sampling("ddpm", NUM_STEPS, settings.ddpm_steps, ours, theirs, shape, settings, device))
     peaks_after = machine_peak(settings.matmul_size, device)
     peak = {p: max(*peaks_before[p].values(), *peaks_after[p].values()) for p in peaks_before}
     info.update(loadavg_after=load_average(), matmul_peak_before=peaks_before, matmul_peak_after=peaks_after)
@@ -543,7 +555,9 @@ def main() -> None:
               f"{p} " + ", ".join(f"{b['mm'] / 1e9:.0f} / {b['conv1x1'] / 1e9:.0f}"
                                   for b in (peaks_before[p], peaks_after[p]))
               + " GFLOP/s" for p in peak)
-          + f". The % of peak column uses the best of these. Load average after: {info['loadavg_after']}.")
+          + f". The % of peak column uses the best of these"
+          + ("; on CUDA the fp32 figures are TF32's (cuDNN's default arithmetic for fp32 convolutions)"
+             if device.type == "cuda" else "") + f". Load average after: {info['loadavg_after']}.")
     described = set()
     for row in rows:
         if row["work"] in described:
@@ -573,7 +587,7 @@ def main() -> None:
             print(f"{work}: ddpm bf16 against diffusers fp32: {cross:.2f}x")
     print("Cells: median (min-max) over the alternating rounds; speed-up = diffusers' median time / ddpm's.")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": info, "results": rows, "complete": True}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,17 @@ def test_two_processes_train_the_weights_of_one(points):
     assert ddpm.load(points / "two").step == 20
 
 
+def test_training_inside_a_process_group_the_caller_made(points):
+    # A script that starts its own gloo group and then trains: ddpm adds only its host group for the
+    # stop signal, and the weights are those of the run in ddpm's own group.
+    script = points / "own_group.py"
+    script.write_text("import sys\nimport torch.distributed as dist\nfrom ddpm.cli import main\n"
+                      "dist.init_process_group('gloo')\nsys.exit(main(sys.argv[1:]))\n")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    run(launcher, "--out", "own", "--steps", "20", *POINTS, cwd=points)
+    assert max_difference(points / "own", points / "two") == 0.0
+
+
 @pytest.mark.parametrize("preset", list(IMAGES))
 def test_two_processes_train_the_weights_of_one_on_images(preset, tmp_path):
     run(SINGLE, "--out", "accum", "--steps", "12", "--grad-accum", "2", *IMAGES[preset], cwd=tmp_path)

@@ -319,6 +319,24 @@ def test_a_non_finite_loss_between_checks_is_reported_at_its_step_and_saves_noth
     assert all(row["step"] < 5 for row in rows)
 
 
+def test_a_non_finite_loss_is_caught_before_a_sample_grid_too(tmp_path, monkeypatch):
+    # No log or checkpoint before step 12; the sample grid of step 6 is the first thing written.
+    from ddpm import training
+    calls = []
+    original = training.per_example_loss
+
+    def loss_with_an_inf_at_step_5(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        calls.append(None)
+        return losses * float("inf") if len(calls) == 5 else losses
+
+    monkeypatch.setattr(training, "per_example_loss", loss_with_an_inf_at_step_5)
+    config = _tiny_points_config(steps=12, log_every=12, checkpoint_every=12, sample_every=6)
+    with pytest.raises(training.NonFiniteLoss, match="became inf at step 5; no checkpoint had been written yet"):
+        training.train(config, tmp_path / "run", progress=False, log=lambda m: None)
+    assert len(calls) == 6 and not (tmp_path / "run" / "samples").exists()
+
+
 def test_gradient_accumulation_gives_the_same_weights(tmp_path, monkeypatch):
     from ddpm import training
     sizes = []

@@ -151,16 +151,22 @@ def launched() -> bool:
 
 @contextlib.contextmanager
 def process_group(world: World, device: torch.device) -> Iterator[None]:
-    """The process group for ``world`` (NCCL on CUDA, gloo on CPU) while the block runs; nothing when alone."""
-    if not world.active or dist.is_initialized():
+    """The process group for ``world`` (NCCL on CUDA, gloo on CPU) while the block runs; nothing when
+    alone. Inside a group the caller made, only the host group is added (once)."""
+    global _host_group
+    timeout = timedelta(seconds=float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    if not world.active:
+        yield
+        return
+    if dist.is_initialized():
+        if _host_group is None:
+            _host_group = dist.new_group(backend="gloo", timeout=timeout)  # every process is here too
         yield
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
-    global _host_group
-    _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    _host_group = dist.new_group(backend="gloo", timeout=timeout)
     try:
         yield
     except BaseException as error:
@@ -168,6 +174,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         # error may have struck this process alone, so it does not wait for the others either.
         if not (is_failure(error) or (error.__context__ is not None and is_failure(error.__context__))):
             dist.destroy_process_group()
+        _host_group = None
         raise
     # Every process finished: tear the group down together. Without the barrier a process that is done
     # first closes its connections while a peer may still be finishing its last collective, and gloo
@@ -176,6 +183,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     # docs/distributed.md).
     dist.barrier()
     dist.destroy_process_group()  # every group, the host group too
+    _host_group = None
 
 
 def is_failure(error: BaseException) -> bool:

@@ -211,13 +211,15 @@ def sample(
 
 class _FixedBuffers:
     """A sampler step that reads and writes the same tensors at every call, so that on CUDA it can be
-    recorded once as a CUDA graph and replayed (``capture``); without ``capture`` it runs eagerly on
-    those tensors, which is what the tests compare with the plain loop.
+    recorded once as a CUDA graph and replayed (``capture``). Without ``capture`` it does what a
+    replay does, eagerly: the step's results are copied into the same output tensors every time,
+    which is what the tests compare with the plain loop.
 
     Each call copies x_t, t, the step's coefficient row and the noise into the fixed inputs (no noise
     is drawn inside: the generator stays where the plain loop leaves it) and returns the fixed
-    outputs (pred_x0, x_prev). The first call runs the step for real, on a side stream when
-    capturing, which is the warm-up CUDA graphs need; the graph is recorded after it, on that stream.
+    outputs (pred_x0, x_prev), which the next call overwrites. When capturing, the first call runs
+    the step for real on a side stream (the warm-up CUDA graphs need) and the graph is then recorded
+    on that stream.
     """
 
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
@@ -242,23 +244,53 @@ class _FixedBuffers:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        if not self.capture:
-            return self.step(self.x, self.t, self.row, self.z)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            first = self.step(self.x, self.t, self.row, self.z)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            # Recorded on the warm-up's stream: libraries' per-stream handles and workspaces already exist.
-            with torch.cuda.graph(self.graph, stream=side):
-                self.outputs = self.step(self.x, self.t, self.row, self.z)
-        except RuntimeError as error:  # e.g. a model that reads a value on the host (.item())
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RuntimeError(f"this model's step cannot be recorded as a CUDA graph ({first_line}); "
-                               f"sample with cuda_graph=False (ddpm sample --no-cuda-graph)") from error
+        if self.capture:
+            return self._warm_up_and_record()
+        results = self.step(self.x, self.t, self.row, self.z)
+        if self.outputs is None:
+            self.outputs = (results[0].clone(), results[1].clone())
+        else:
+            for fixed, result in zip(self.outputs, results):
+                fixed.copy_(result)
+        return self.outputs
+
+    def _warm_up_and_record(self) -> tuple[Tensor, Tensor]:
+        device = self.x.device  # not necessarily the current device: streams and graph go there
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # restores the current stream however the block ends
+                first = self.step(self.x, self.t, self.row, self.z)
+                # Recorded on the warm-up's stream, where libraries' per-stream handles and workspaces
+                # exist now. capture_begin/end rather than torch.cuda.graph, whose synchronize and
+                # empty_cache at every sampling call would also slow whatever runs next.
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin()
+                try:
+                    outputs = self.step(self.x, self.t, self.row, self.z)
+                except RuntimeError as error:  # e.g. a model that reads a value on the host (.item())
+                    try:
+                        graph.capture_end()
+                    except RuntimeError:
+                        pass  # the capture is invalid already; the model's error is the one to report
+                    raise _not_recordable(error) from error
+                try:
+                    graph.capture_end()
+                except RuntimeError as error:
+                    raise _not_recordable(error) from error
+            current.wait_stream(side)
+            for tensor in first:
+                tensor.record_stream(current)  # made on the side stream, used and freed on this one
+        self.graph, self.outputs = graph, outputs
         return first
+
+
+def _not_recordable(error: RuntimeError) -> RuntimeError:
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    return RuntimeError(f"this model's step cannot be recorded as a CUDA graph ({first_line}); "
+                        f"sample with cuda_graph=False (ddpm sample --no-cuda-graph)")
 
 
 def ddim_invert(
