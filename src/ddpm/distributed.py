@@ -38,6 +38,7 @@ T = TypeVar("T")
 # host, so that under NCCL no step waits for its GPU. Made on CPUs too (where the main group is gloo
 # already), so that the CPU tests run the code GPUs run. None outside a process group.
 _host_group: dist.ProcessGroup | None = None
+_host_group_of: dist.ProcessGroup | None = None  # the main group it was made beside
 
 
 class ElsewhereError(ValueError):
@@ -153,20 +154,20 @@ def launched() -> bool:
 def process_group(world: World, device: torch.device) -> Iterator[None]:
     """The process group for ``world`` (NCCL on CUDA, gloo on CPU) while the block runs; nothing when
     alone. Inside a group the caller made, only the host group is added (once)."""
-    global _host_group
-    timeout = timedelta(seconds=float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    global _host_group, _host_group_of
     if not world.active:
         yield
         return
+    timeout = timedelta(seconds=float(os.environ.get("DDPM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     if dist.is_initialized():
-        if _host_group is None:
-            _host_group = dist.new_group(backend="gloo", timeout=timeout)  # every process is here too
+        if _host_group is None or _host_group_of is not dist.group.WORLD:  # every process is here too
+            _host_group, _host_group_of = dist.new_group(backend="gloo", timeout=timeout), dist.group.WORLD
         yield
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    _host_group = dist.new_group(backend="gloo", timeout=timeout)
+    _host_group, _host_group_of = dist.new_group(backend="gloo", timeout=timeout), dist.group.WORLD
     try:
         yield
     except BaseException as error:
@@ -174,7 +175,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         # error may have struck this process alone, so it does not wait for the others either.
         if not (is_failure(error) or (error.__context__ is not None and is_failure(error.__context__))):
             dist.destroy_process_group()
-        _host_group = None
+        _host_group = _host_group_of = None
         raise
     # Every process finished: tear the group down together. Without the barrier a process that is done
     # first closes its connections while a peer may still be finishing its last collective, and gloo
@@ -183,7 +184,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     # docs/distributed.md).
     dist.barrier()
     dist.destroy_process_group()  # every group, the host group too
-    _host_group = None
+    _host_group = _host_group_of = None
 
 
 def is_failure(error: BaseException) -> bool:

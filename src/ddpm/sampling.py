@@ -219,7 +219,7 @@ class _FixedBuffers:
     is drawn inside: the generator stays where the plain loop leaves it) and returns the fixed
     outputs (pred_x0, x_prev), which the next call overwrites. When capturing, the first call runs
     the step for real on a side stream (the warm-up CUDA graphs need) and the graph is then recorded
-    on that stream.
+    on that stream; if the GPU has no memory left for the graph's pool, the walk goes on eagerly.
     """
 
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
@@ -261,29 +261,49 @@ class _FixedBuffers:
             side = torch.cuda.Stream(device)
             side.wait_stream(current)
             with torch.cuda.stream(side):  # restores the current stream however the block ends
-                first = self.step(self.x, self.t, self.row, self.z)
-                # Recorded on the warm-up's stream, where libraries' per-stream handles and workspaces
-                # exist now. capture_begin/end rather than torch.cuda.graph, whose synchronize and
-                # empty_cache at every sampling call would also slow whatever runs next.
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin()
+                # The warm-up with host syncs forbidden: a model that reads a value on the host (.item())
+                # fails here, before recording, which such a model would invalidate for good.
+                mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
                 try:
-                    outputs = self.step(self.x, self.t, self.row, self.z)
-                except RuntimeError as error:  # e.g. a model that reads a value on the host (.item())
-                    try:
-                        graph.capture_end()
-                    except RuntimeError:
-                        pass  # the capture is invalid already; the model's error is the one to report
-                    raise _not_recordable(error) from error
-                try:
-                    graph.capture_end()
+                    first = self.step(self.x, self.t, self.row, self.z)
                 except RuntimeError as error:
                     raise _not_recordable(error) from error
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
+                graph, outputs = self._record()
             current.wait_stream(side)
             for tensor in first:
                 tensor.record_stream(current)  # made on the side stream, used and freed on this one
+        if graph is None:  # no memory for the graph's own pool: this walk goes on without one
+            self.capture = False
         self.graph, self.outputs = graph, outputs
         return first
+
+    def _record(self) -> tuple[torch.cuda.CUDAGraph | None, tuple[Tensor, Tensor] | None]:
+        """The step recorded on the current (warm-up) stream, where libraries' per-stream handles and
+        workspaces exist now; (None, None) if the graph's memory pool could not be allocated.
+        capture_begin/end rather than torch.cuda.graph, whose synchronize and empty_cache at every
+        sampling call would also slow whatever runs next."""
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        try:
+            outputs = self.step(self.x, self.t, self.row, self.z)
+        except BaseException as error:  # the capture must end whatever happened, or the stream stays in it
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass  # the capture is invalid already; the step's error is the one to report
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                return None, None
+            if isinstance(error, RuntimeError):
+                raise _not_recordable(error) from error
+            raise
+        try:
+            graph.capture_end()
+        except RuntimeError as error:
+            raise _not_recordable(error) from error
+        return graph, outputs
 
 
 def _not_recordable(error: RuntimeError) -> RuntimeError:
