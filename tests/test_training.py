@@ -337,6 +337,29 @@ def test_a_non_finite_loss_is_caught_before_a_sample_grid_too(tmp_path, monkeypa
     assert len(calls) == 6 and not (tmp_path / "run" / "samples").exists()
 
 
+def test_heldout_loss_is_weighted_as_the_training_loss():
+    # With Min-SNR weighting the held-out loss must be the weighted loss on the held-out batch, as the
+    # training loss is: the mean over examples of w(t) * ||eps - eps_theta||^2, w = min(SNR, 5) / SNR.
+    from ddpm import training
+    from ddpm.schedule import NoiseSchedule
+    config = build_config("toy2d", {"model": {"overrides": {"hidden_dim": 16, "num_blocks": 1}},
+                                    "diffusion": {"num_steps": 50, "weighting": "min_snr"}})
+    model = training.build_model_for(config, "points", (2,), seed=0)
+    schedule = NoiseSchedule("linear", 50)
+    heldout = torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
+    got = training.heldout_losses(model, model, schedule, heldout, config)["heldout_loss"]
+    generator = torch.Generator().manual_seed(config.train.seed + 3)  # the draws heldout_losses makes
+    t = ddpm.diffusion.sample_timesteps(schedule, 300, device="cpu", generator=generator)
+    noise = torch.randn(heldout.shape, generator=generator)
+    with torch.no_grad():
+        snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+        x_t = schedule.alphas_cumprod[t].sqrt()[:, None] * heldout + (1 - schedule.alphas_cumprod[t]).sqrt()[:, None] * noise
+        mse = (model(x_t, t) - noise).square().mean(dim=1)
+    expected = (snr.clamp(max=5.0) / snr * mse).mean().item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert abs(got - mse.mean().item()) > 1e-3 * got  # the weighting changes it, so the test can tell
+
+
 def test_gradient_accumulation_gives_the_same_weights(tmp_path, monkeypatch):
     from ddpm import training
     sizes = []

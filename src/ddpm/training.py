@@ -506,8 +506,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     with autocast, world.accumulating(shared_model, last=i == t_cfg.grad_accum - 1):
                         losses = per_example_loss(train_model, schedule, x0[part], t[part], noise[part],
                                                   prediction=config.diffusion.prediction,
-                                                  weighting=None if config.diffusion.weighting == "none"
-                                                  else config.diffusion.weighting)
+                                                  weighting=loss_weighting(config))
                         # The processes' gradients are averaged: scaling by their number makes it the global sum.
                         (losses.sum() * world.size / t_cfg.batch_size).backward()
                     per_example.append(losses.detach())
@@ -631,9 +630,15 @@ class _Window:
 
 
 @torch.no_grad()
+def loss_weighting(config: Config) -> str | None:
+    """The weighting ``training_loss`` takes for the config's ``diffusion.weighting`` (None: the simple loss)."""
+    return None if config.diffusion.weighting == "none" else config.diffusion.weighting
+
+
 def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedule, heldout: Tensor,
                    config: Config) -> dict[str, float]:
-    """The loss on held-out data with fixed timesteps and noise (the same at every evaluation)."""
+    """The loss on held-out data with fixed timesteps and noise (the same at every evaluation),
+    weighted as the training loss is, so that the two can be compared."""
     generator = torch.Generator().manual_seed(config.train.seed + 3)
     x0 = heldout.to(schedule.device)
     t = sample_timesteps(schedule, x0.shape[0], device="cpu", generator=generator).to(schedule.device)
@@ -645,7 +650,8 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
         for start in range(0, x0.shape[0], 1024):
             part = slice(start, start + 1024)
             losses = training_loss(net, schedule, x0[part], t=t[part], noise=noise[part],
-                                   prediction=config.diffusion.prediction, reduction="none")
+                                   prediction=config.diffusion.prediction, weighting=loss_weighting(config),
+                                   reduction="none")
             total += losses.sum().item()
         out[name] = total / x0.shape[0]
     return out
