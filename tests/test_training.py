@@ -184,6 +184,18 @@ def test_point_runs_write_float_npz_and_scatter(tmp_path):
     assert Image.open(tmp_path / "p.png").size[0] > 100 and (tmp_path / "t.png").is_file()
 
 
+def test_runs_on_points_of_three_coordinates_save_scatters_of_the_first_two(tmp_path):
+    points = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    np.save(tmp_path / "p3.npy", points)
+    ddpm_cli("train", "--preset", "toy2d", "--data", "p3.npy", "--num-examples", "200", "--out", "run",
+             "--steps", "4", "--checkpoint-every", "4", "--model-overrides", '{"hidden_dim": 16, "num_blocks": 1}', "--heldout", "20",
+             *TINY, cwd=tmp_path)
+    grid = tmp_path / "run" / "samples" / "step_0000004.png"
+    assert grid.is_file() and Image.open(grid).size[0] > Image.open(grid).size[1]  # two panels side by side
+    ddpm_cli("sample", "run", "--num", "5", "--steps", "5", "--out", "p.npz", "--quiet", cwd=tmp_path)
+    assert np.load(tmp_path / "p.npz")["arr_0"].shape == (5, 3)
+
+
 def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     args = ["--steps", "40", "--checkpoint-every", "3", "--eval-every", "0", "--num-steps", "50",
             "--batch-size", "16", "--sample-steps", "5", "--num-samples", "2", "--sample-every", "0",

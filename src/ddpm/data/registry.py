@@ -179,7 +179,8 @@ def _subset(total: int, n: int | None, seed: int, source: str) -> Tensor | None:
     if n is None or n == total:
         return None
     if n > total:
-        raise DataError(f"n={n} is more than the {total} items in {source}")
+        raise DataError(f"n={n} is more than the {total} items in {source}; ask for at most {total} "
+                        f"(in training: data.num_examples, --num-examples)")
     chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
     return chosen.sort().values
 
