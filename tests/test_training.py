@@ -359,7 +359,10 @@ def test_heldout_loss_is_weighted_as_the_training_loss():
     model = training.build_model_for(config, "points", (2,), seed=0)
     schedule = NoiseSchedule("linear", 50)
     heldout = torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
+    grad_enabled = []  # the evaluation records no autograd graph
+    model.register_forward_hook(lambda module, args, out: grad_enabled.append(torch.is_grad_enabled()))
     got = training.heldout_losses(model, model, schedule, heldout, config)["heldout_loss"]
+    assert grad_enabled and not any(grad_enabled)
     generator = torch.Generator().manual_seed(config.train.seed + 3)  # the draws heldout_losses makes
     t = ddpm.diffusion.sample_timesteps(schedule, 300, device="cpu", generator=generator)
     noise = torch.randn(heldout.shape, generator=generator)

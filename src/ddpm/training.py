@@ -629,12 +629,12 @@ class _Window:
         return values
 
 
-@torch.no_grad()
 def loss_weighting(config: Config) -> str | None:
     """The weighting ``training_loss`` takes for the config's ``diffusion.weighting`` (None: the simple loss)."""
     return None if config.diffusion.weighting == "none" else config.diffusion.weighting
 
 
+@torch.no_grad()
 def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedule, heldout: Tensor,
                    config: Config) -> dict[str, float]:
     """The loss on held-out data with fixed timesteps and noise (the same at every evaluation),
