@@ -308,19 +308,27 @@ def test_training_steps_make_no_host_sync_between_logs_and_checkpoints(tmp_path)
     assert counts[6] == counts[24] > 0
 
 
-def test_a_non_finite_loss_between_checks_is_reported_at_its_step_and_saves_nothing(tmp_path, monkeypatch):
-    # The loss of step 5 is made nan; it is read only at the next log (step 8) or checkpoint, which must
-    # then stop naming step 5 and leave the checkpoint of step 4 as the latest.
+def _loss_goes_bad_at_step_5(monkeypatch, value: float) -> list[None]:
+    """Makes the training loop's per-example losses of step 5 ``value`` (nan or inf); the list it
+    returns grows by one per step the loop computes."""
     from ddpm import training
     calls = []
     original = training.per_example_loss
 
-    def loss_with_a_nan_at_step_5(*args, **kwargs):
+    def loss(*args, **kwargs):
         losses = original(*args, **kwargs)
         calls.append(None)
-        return losses * float("nan") if len(calls) == 5 else losses
+        return losses * value if len(calls) == 5 else losses
 
-    monkeypatch.setattr(training, "per_example_loss", loss_with_a_nan_at_step_5)
+    monkeypatch.setattr(training, "per_example_loss", loss)
+    return calls
+
+
+def test_a_non_finite_loss_between_checks_is_reported_at_its_step_and_saves_nothing(tmp_path, monkeypatch):
+    # The loss of step 5 is made nan; it is read only at the next log (step 8) or checkpoint, which must
+    # then stop naming step 5 and leave the checkpoint of step 4 as the latest.
+    from ddpm import training
+    calls = _loss_goes_bad_at_step_5(monkeypatch, float("nan"))
     config = _tiny_points_config(steps=12, log_every=8, checkpoint_every=4)
     with pytest.raises(training.NonFiniteLoss, match=r"became nan at step 5; the last good checkpoint .*step_0000004"):
         training.train(config, tmp_path / "run", progress=False, log=lambda m: None)
@@ -334,15 +342,7 @@ def test_a_non_finite_loss_between_checks_is_reported_at_its_step_and_saves_noth
 def test_a_non_finite_loss_is_caught_before_a_sample_grid_too(tmp_path, monkeypatch):
     # No log or checkpoint before step 12; the sample grid of step 6 is the first thing written.
     from ddpm import training
-    calls = []
-    original = training.per_example_loss
-
-    def loss_with_an_inf_at_step_5(*args, **kwargs):
-        losses = original(*args, **kwargs)
-        calls.append(None)
-        return losses * float("inf") if len(calls) == 5 else losses
-
-    monkeypatch.setattr(training, "per_example_loss", loss_with_an_inf_at_step_5)
+    calls = _loss_goes_bad_at_step_5(monkeypatch, float("inf"))
     config = _tiny_points_config(steps=12, log_every=12, checkpoint_every=12, sample_every=6)
     with pytest.raises(training.NonFiniteLoss, match="became inf at step 5; no checkpoint had been written yet"):
         training.train(config, tmp_path / "run", progress=False, log=lambda m: None)
