@@ -371,20 +371,22 @@ def compare_training(name: str, ours: nn.Module, theirs: nn.Module, shape: tuple
         "flops_per_image_ddpm": flops_ours / shape[0], "flops_per_image_diffusers": flops_theirs / shape[0],
         "steps_per_round": k, "compile": compile, "seconds_ddpm": [s / k for s in result.ddpm_s],
         "seconds_diffusers": [s / k for s in result.diffusers_s], "speedup": result.speedup,
-        **({"peak_memory_mib": _peak_memory(device, step_ours, step_theirs)} if device.type == "cuda" else {}),
+        **({"step_memory_mib": _step_memory(device, step_ours, step_theirs)} if device.type == "cuda" else {}),
     }
 
 
-def _peak_memory(device: torch.device, *steps: Callable[[], None]) -> list[float]:
-    """The GPU memory each step needs at its peak, MiB (after a step of each, so optimiser states exist)."""
-    peaks = []
+def _step_memory(device: torch.device, *steps: Callable[[], None]) -> list[float]:
+    """The GPU memory each step allocates at its peak beyond what is resident before it (both sides'
+    weights and optimiser states, which exist after the timed rounds), MiB."""
+    extra = []
     for step in steps:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
         step()
         torch.cuda.synchronize(device)
-        peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
-    return peaks
+        extra.append((torch.cuda.max_memory_allocated(device) - resident) / 2**20)
+    return extra
 
 
 def compare_sampling(sampler: str, steps: int, run_steps: int, ours: nn.Module, theirs: nn.Module,
@@ -575,9 +577,10 @@ def main() -> None:
                   f"({statistics.median(row['seconds_ddpm_no_graph']) * 1e3:.1f} -> "
                   f"{statistics.median(row['seconds_ddpm_graph']) * 1e3:.1f} ms per run)")
     for row in rows:
-        if "peak_memory_mib" in row:
-            print(f"{row['work']} {row['precision']}: peak GPU memory ddpm {row['peak_memory_mib'][0]:.0f} MiB, "
-                  f"diffusers {row['peak_memory_mib'][1]:.0f} MiB")
+        if "step_memory_mib" in row:
+            print(f"{row['work']} {row['precision']}: GPU memory a step needs beyond the resident weights and "
+                  f"optimiser states: ddpm {row['step_memory_mib'][0]:.0f} MiB, "
+                  f"diffusers {row['step_memory_mib'][1]:.0f} MiB")
     by_precision = {(row["work"], row["precision"]): row for row in rows if "params_ddpm" in row}
     for (work, precision), row in by_precision.items():
         fp32 = by_precision.get((work, "fp32"))
