@@ -74,6 +74,15 @@ def test_config_round_trips_through_json_and_rejects_unknown_keys():
         build_config("square", {"train": {"batch_size": -4}})
 
 
+def test_a_presets_example_count_applies_to_generated_sets_only():
+    assert build_config("toy2d").data.num_examples == 100_000
+    assert build_config("toy2d", {"data": {"source": "moons"}}).data.num_examples == 100_000
+    for source in ("points.npy", "photos/", "mnist"):  # stored data is used whole
+        assert build_config("toy2d", {"data": {"source": source}}).data.num_examples is None
+    asked = build_config("toy2d", {"data": {"source": "points.npy"}}, {"data": {"num_examples": 50}})
+    assert asked.data.num_examples == 50
+
+
 def test_paper_cifar10_recipe():
     config = build_config("cifar10")
     assert (config.model.preset, config.train.lr, config.train.warmup, config.train.batch_size,
@@ -187,7 +196,8 @@ def test_point_runs_write_float_npz_and_scatter(tmp_path):
 def test_runs_on_points_of_three_coordinates_save_scatters_of_the_first_two(tmp_path):
     points = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
     np.save(tmp_path / "p3.npy", points)
-    ddpm_cli("train", "--preset", "toy2d", "--data", "p3.npy", "--num-examples", "200", "--out", "run",
+    # Without --num-examples: toy2d's 100000 is for its generated points, a file is used whole.
+    ddpm_cli("train", "--preset", "toy2d", "--data", "p3.npy", "--out", "run",
              "--steps", "4", "--checkpoint-every", "4", "--model-overrides", '{"hidden_dim": 16, "num_blocks": 1}', "--heldout", "20",
              *TINY, cwd=tmp_path)
     grid = tmp_path / "run" / "samples" / "step_0000004.png"

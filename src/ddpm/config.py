@@ -186,10 +186,24 @@ def build_config(preset: str = DEFAULT_PRESET, *layers: Mapping[str, Any]) -> Co
     """The config of a training preset with ``layers`` (nested dicts, later ones winning) on top."""
     if preset not in TRAINING_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(TRAINING_PRESETS)}")
+    from ddpm.data.registry import is_generated
+
     merged: dict[str, Any] = {"preset": preset}
     for layer in (TRAINING_PRESETS[preset][1], *layers):
         merged = _merge(merged, layer)
+    # A preset's num_examples is how many examples it draws of a generated set; data from a file, a
+    # folder or MNIST/CIFAR-10 is used whole unless a layer above the preset asks for fewer.
+    data = merged.get("data")
+    asked = any("num_examples" in _section(layer, "data") for layer in layers)
+    if isinstance(data, Mapping) and not asked and not is_generated(str(data.get("source", DataConfig.source))):
+        merged["data"] = {**data, "num_examples": None}
     return config_from_dict(merged)
+
+
+def _section(layer: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A layer's section ``name``, or nothing (a malformed one is config_from_dict's to refuse)."""
+    section = layer.get(name)
+    return section if isinstance(section, Mapping) else {}
 
 
 def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

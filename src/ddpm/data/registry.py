@@ -80,6 +80,11 @@ class Dataset:
         return tuple(self.data.shape[1:])
 
 
+def is_generated(source: str) -> bool:
+    """Whether ``source`` names a set drawn from a seed (its size is a choice), not stored data."""
+    return source in _GENERATED
+
+
 def list_datasets() -> dict[str, str]:
     """Built-in dataset name -> one-line description (paths to folders and arrays work too)."""
     return dict(DATASETS)
