@@ -41,6 +41,15 @@ IMAGES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torchrun_temporary_files(tmp_path_factory):
+    """torchrun leaves a torchelastic_* folder in the temporary directory at every launch: keep them
+    in pytest's temporary tree, which pytest prunes, instead of /tmp."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ENV, "TMPDIR", str(tmp_path_factory.mktemp("torchrun")))
+        yield
+
+
 def run(launcher: list[str], *args: str, cwd: Path, check: bool = True,
         timeout: float = 120) -> subprocess.CompletedProcess:
     result = subprocess.run([*launcher, "train", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
