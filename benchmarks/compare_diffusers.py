@@ -557,7 +557,7 @@ def main() -> None:
               f"{p} " + ", ".join(f"{b['mm'] / 1e9:.0f} / {b['conv1x1'] / 1e9:.0f}"
                                   for b in (peaks_before[p], peaks_after[p]))
               + " GFLOP/s" for p in peak)
-          + f". The % of peak column uses the best of these"
+          + ". The % of peak column uses the best of these"
           + ("; on CUDA the fp32 figures are TF32's (cuDNN's default arithmetic for fp32 convolutions)"
              if device.type == "cuda" else "") + f". Load average after: {info['loadavg_after']}.")
     described = set()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -425,9 +425,27 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
                       log=log if world.is_main else lambda message: None)
 
 
-def _train(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
-           overwrite: bool, changed: set[str] | None, progress: bool, log: Callable[[str], None]) -> TrainResult:
-    started = time.perf_counter()
+class _Setup(NamedTuple):
+    """What a run trains with, built (or restored from its latest checkpoint) before the first step."""
+
+    config: Config  # the saved run's when resuming
+    dataset: Dataset
+    heldout: Tensor | None
+    data: Tensor  # dataset.data on the training device
+    schedule: NoiseSchedule
+    model: nn.Module
+    ema_model: nn.Module
+    optimizer: torch.optim.AdamW
+    order: DataOrder
+    noise_generator: torch.Generator
+    metadata: dict[str, Any]  # config.json
+    step: int  # steps already taken
+    checkpoint: Path | None  # the one restored
+    notes: list[str]  # for the user, once everything is set up
+
+
+def _set_up(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
+            overwrite: bool, changed: set[str] | None) -> _Setup:
     _check_shares(config, world)
     resuming = world.on_main(lambda: prepare_run_dir(run_dir, resume=resume, overwrite=overwrite), device)
     checkpoint = None
@@ -445,13 +463,11 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     dataset, heldout, data_notes = world.machine_first(lambda: load_training_data(config), device)
     notes += data_notes
     t_cfg = config.train
-    schedule = build_schedule(config).to(device)
     model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=t_cfg.seed).to(device)
     if wants_channels_last(config, device):
         use_channels_last(model)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model, config)
-    data = dataset.data.to(device)
     order = DataOrder(len(dataset), t_cfg.seed)
     noise_generator = torch.Generator(device).manual_seed(t_cfg.seed + 1)
     torch.manual_seed(t_cfg.seed + 2)  # dropout
@@ -469,74 +485,62 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     if world.active:
         notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
                      f"(global batch {t_cfg.batch_size})")
+    return _Setup(config, dataset, heldout, dataset.data.to(device), build_schedule(config).to(device), model,
+                  ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
-    metrics = Metrics(run_dir, config, step, notes) if world.is_main else _NoMetrics()
-    for note in notes:
+
+def _train(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
+           overwrite: bool, changed: set[str] | None, progress: bool, log: Callable[[str], None]) -> TrainResult:
+    started = time.perf_counter()
+    run = _set_up(config, run_dir, world, device, resume=resume, overwrite=overwrite, changed=changed)
+    config, t_cfg, step, last_checkpoint = run.config, run.config.train, run.step, run.checkpoint
+    metrics = Metrics(run_dir, config, step, run.notes) if world.is_main else _NoMetrics()
+    for note in run.notes:
         log(note)
-    shared_model = world.wrap(model, device)  # sums gradients over the processes in backward
+    shared_model = world.wrap(run.model, device)  # sums gradients over the processes in backward
     train_model = torch.compile(shared_model) if t_cfg.compile else shared_model
-    micro = t_cfg.batch_size // (world.size * t_cfg.grad_accum)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
     window = _Window(device)
-    last_checkpoint = checkpoint
     bar = tqdm(total=t_cfg.steps, initial=step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
+
+    def due(every: int) -> bool:
+        return (every > 0 and step % every == 0) or step == t_cfg.steps
 
     def save() -> Path:
         window.raise_if_non_finite(last_checkpoint)  # a checkpoint never holds weights a bad step made
         if world.is_main:
-            tensors, state = _training_state(optimizer, order, noise_generator)
-            ckpt.save_checkpoint(run_dir, step, model=model, ema_model=ema_model, tensors=tensors,
-                                 state={**state, "step": step}, config=metadata, keep=t_cfg.keep_checkpoints)
+            tensors, state = _training_state(run.optimizer, run.order, run.noise_generator)
+            ckpt.save_checkpoint(run_dir, step, model=run.model, ema_model=run.ema_model, tensors=tensors,
+                                 state={**state, "step": step}, config=run.metadata, keep=t_cfg.keep_checkpoints)
         world.barrier()  # no process leaves (or is stopped by torchrun) while rank 0 is writing
         return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
     try:
         with _StopSignals(world) as stop:
-            model.train()
+            run.model.train()
             while step < t_cfg.steps:
-                x0, t, noise = draw_batch(data, order, noise_generator, schedule, t_cfg.batch_size, config.data.hflip)
-                mine = world.share(t_cfg.batch_size)  # every process drew the global batch; it trains on its slice
-                x0, t, noise = x0[mine], t[mine], noise[mine]
-                for param_group in optimizer.param_groups:
-                    param_group["lr"] = learning_rate(config, step)
-                per_example = []
-                for i in range(t_cfg.grad_accum):
-                    part = slice(i * micro, (i + 1) * micro)
-                    with autocast, world.accumulating(shared_model, last=i == t_cfg.grad_accum - 1):
-                        losses = per_example_loss(train_model, schedule, x0[part], t[part], noise[part],
-                                                  prediction=config.diffusion.prediction,
-                                                  weighting=loss_weighting(config))
-                        # The processes' gradients are averaged: scaling by their number makes it the global sum.
-                        (losses.sum() * world.size / t_cfg.batch_size).backward()
-                    per_example.append(losses.detach())
-                losses = torch.cat(per_example)
-                grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-                             if t_cfg.grad_clip is not None else None)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_ema(ema_model, model, ema_decay(config, step))
+                losses, t, grad_norm = _step(run, step, shared_model, train_model, world)
                 step += 1
                 # No host sync in a step: the loss stays on the device and is checked for nan/inf
                 # before anything is logged, sampled or saved.
-                window.add(step, losses, t, schedule.num_steps, grad_norm, t_cfg.batch_size, world)
+                window.add(step, losses, t, run.schedule.num_steps, grad_norm, t_cfg.batch_size, world)
                 bar.update(1)
 
-                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                if due(t_cfg.log_every):
                     window.raise_if_non_finite(last_checkpoint)
                     values = window.flush(t_cfg.batch_size, world)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    if t_cfg.eval_every and heldout is not None and (step % t_cfg.eval_every == 0 or step == t_cfg.steps):
-                        values.update(heldout_losses(model, ema_model, schedule, heldout, config))
-                        model.train()
+                    values["lr"] = run.optimizer.param_groups[0]["lr"]
+                    if t_cfg.eval_every and run.heldout is not None and due(t_cfg.eval_every):
+                        values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout, config))
+                        run.model.train()
                     metrics.log(step, values)
-                if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
+                if due(t_cfg.checkpoint_every):
                     last_checkpoint = save()
-                if (t_cfg.sample_every and step % t_cfg.sample_every == 0) or step == t_cfg.steps:
+                if due(t_cfg.sample_every):
                     window.raise_if_non_finite(last_checkpoint)  # on every process, as they all know the loss
                     if world.is_main:
-                        save_samples(ema_model, schedule, config, dataset,
+                        save_samples(run.ema_model, run.schedule, config, run.dataset,
                                      run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
                 stop_signal = world.agree_signal(stop.received)  # every process stops at the same step
                 if stop_signal is not None:
@@ -553,6 +557,37 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
         bar.close()
         metrics.close()
     return TrainResult(run_dir, step, last_checkpoint, window.last_loss, time.perf_counter() - started)
+
+
+def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Module,
+          world: distributed.World) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Training step ``step`` (Algorithm 1) on this process's slice of the global batch, in
+    train.grad_accum micro-batches, then the EMA update. Returns the slice's per-example losses
+    (detached), its timesteps, and the gradient norm before clipping (None without train.grad_clip)."""
+    config, t_cfg = run.config, run.config.train
+    x0, t, noise = draw_batch(run.data, run.order, run.noise_generator, run.schedule, t_cfg.batch_size,
+                              config.data.hflip)
+    mine = world.share(t_cfg.batch_size)  # every process drew the global batch; it trains on its slice
+    x0, t, noise = x0[mine], t[mine], noise[mine]
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = learning_rate(config, step)
+    micro = t_cfg.batch_size // (world.size * t_cfg.grad_accum)
+    autocast = torch.autocast(run.data.device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
+    per_example = []
+    for i in range(t_cfg.grad_accum):
+        part = slice(i * micro, (i + 1) * micro)
+        with autocast, world.accumulating(shared_model, last=i == t_cfg.grad_accum - 1):
+            losses = per_example_loss(train_model, run.schedule, x0[part], t[part], noise[part],
+                                      prediction=config.diffusion.prediction, weighting=loss_weighting(config))
+            # The processes' gradients are averaged: scaling by their number makes it the global sum.
+            (losses.sum() * world.size / t_cfg.batch_size).backward()
+        per_example.append(losses.detach())
+    grad_norm = (nn.utils.clip_grad_norm_(run.model.parameters(), t_cfg.grad_clip)
+                 if t_cfg.grad_clip is not None else None)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema_model, run.model, ema_decay(config, step))
+    return torch.cat(per_example), t, grad_norm
 
 
 def _check_shares(config: Config, world: distributed.World) -> None:
