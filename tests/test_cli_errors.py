@@ -521,6 +521,19 @@ def test_overwrite_non_ddpm_folder(outcomes):
 
 
 @case
+def setup_overwrite_with_missing_data(tmp: Path, trained: Trained) -> Command:
+    run = trained.copy(tmp / "run")
+    return Command(["train", "--out", "run", "--overwrite", "--data", "nothere.npy", *TINY], tmp, watch=[run])
+
+
+def test_overwrite_with_missing_data(outcomes):
+    # The run to replace is deleted only once the new one is ready to start.
+    outcome = outcomes["overwrite_with_missing_data"]
+    assert_one_line_error(outcome, "nothere.npy")
+    assert_untouched(outcome)
+
+
+@case
 def setup_resume_changes_lr(tmp: Path, trained: Trained) -> Command:
     run = trained.copy(tmp / "run")
     return Command(["train", "--resume", "--out", "run", *TINY, "--steps", "5", "--lr", "0.5"], tmp, watch=[run])

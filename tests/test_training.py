@@ -193,6 +193,18 @@ def test_point_runs_write_float_npz_and_scatter(tmp_path):
     assert Image.open(tmp_path / "p.png").size[0] > 100 and (tmp_path / "t.png").is_file()
 
 
+def test_overwrite_replaces_the_whole_run(tmp_path):
+    ddpm_cli("train", "--out", "run", "--steps", "4", "--checkpoint-every", "2", *TINY, cwd=tmp_path)
+    (tmp_path / "run" / "samples" / "mine.txt").write_text("in the old run")
+    ddpm_cli("train", "--out", "run", "--overwrite", "--steps", "3", "--checkpoint-every", "3", "--lr", "3e-4",
+             *TINY, cwd=tmp_path)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000003"]
+    assert not (run / "samples" / "mine.txt").exists()
+    assert json.loads((run / "config.json").read_text())["config"]["train"]["lr"] == 3e-4
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the new run's step 3 only
+
+
 def test_runs_on_points_of_three_coordinates_save_scatters_of_the_first_two(tmp_path):
     points = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
     np.save(tmp_path / "p3.npy", points)

@@ -251,7 +251,10 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
 # --- the run directory ----------------------------------------------------------------------------
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Check the run directory may be used; returns True when an existing run is to be resumed."""
+    """Check the run directory may be used; returns True when an existing run is to be resumed.
+
+    With ``overwrite`` an existing run is only checked here: it is deleted when the new run's first
+    file is written (``_start_run_dir``), so a setting or data that fails on the way loses nothing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir} is a file; give a directory")
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
@@ -267,8 +270,15 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
     if not (run_dir / "config.json").is_file():
         raise RunDirError(f"--overwrite replaces only a ddpm run directory (one with config.json); {run_dir} "
                           f"is not one, so nothing was deleted")
-    shutil.rmtree(run_dir)
     return False
+
+
+def _start_run_dir(run_dir: Path, metadata: dict[str, Any], *, overwrite: bool) -> None:
+    """Write a new run's config.json, replacing the run prepare_run_dir let ``overwrite`` replace."""
+    if overwrite and run_dir.is_dir() and (run_dir / "config.json").is_file():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(run_dir / "config.json", metadata)
 
 
 def run_metadata(config: Config, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
@@ -476,15 +486,14 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     if checkpoint is not None:
         step = _restore(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
         notes.append(f"resuming {run_dir} from {checkpoint.name}")
-    elif not resuming and world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(run_dir / "config.json", metadata)
     if step > t_cfg.steps:
         raise RunDirError(f"the run is already at step {step}, past train.steps = {t_cfg.steps}; "
                           f"give a larger --steps to train longer")
     if world.active:
         notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
                      f"(global batch {t_cfg.batch_size})")
+    if not resuming and world.is_main:
+        _start_run_dir(run_dir, metadata, overwrite=overwrite)
     return _Setup(config, dataset, heldout, dataset.data.to(device), build_schedule(config).to(device), model,
                   ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
