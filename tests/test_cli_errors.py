@@ -651,6 +651,18 @@ def test_sample_out_txt(outcomes):
 
 
 @case
+def setup_sample_trajectory_is_out(tmp: Path, trained: Trained) -> Command:
+    return Command(["sample", str(trained.square), "--num", "2", "--out", "h.png", "--trajectory", "./h.png",
+                    "--quiet"], tmp, watch=[trained.square])
+
+
+def test_sample_trajectory_is_out(outcomes):
+    outcome = outcomes["sample_trajectory_is_out"]
+    assert_one_line_error(outcome, "--trajectory", "--out")
+    assert not (outcome.command.cwd / "h.png").exists()
+
+
+@case
 def setup_sample_eta_too_large(tmp: Path, trained: Trained) -> Command:
     return Command(["sample", str(trained.square), "--num", "2", "--sampler", "ddim", "--eta", "2",
                     "--out", "x.png", "--quiet"], tmp, watch=[trained.square])

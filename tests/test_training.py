@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import random
 import signal
 import struct
@@ -180,6 +181,28 @@ def test_sample_command_takes_cuda_graph_on_and_off(tiny_run, tmp_path):
     assert graph.shape == (3, 8, 8, 1) and np.array_equal(graph, plain)
 
 
+def test_sample_writes_where_it_says_and_replaces_only_its_own_files(tiny_run, tmp_path):
+    # --out X.NPZ is that file (np.savez given a name would write X.NPZ.npz), a second run refuses it.
+    ddpm_cli("sample", str(tiny_run), "--num", "2", "--steps", "2", "--out", "UP.NPZ", "--quiet", cwd=tmp_path)
+    assert np.load(tmp_path / "UP.NPZ")["arr_0"].shape == (2, 8, 8, 1) and not (tmp_path / "UP.NPZ.npz").exists()
+    assert ddpm_cli("sample", str(tiny_run), "--out", "UP.NPZ", "--quiet", cwd=tmp_path, check=False).returncode == 2
+    # A trailing slash asks for a folder of PNGs, whatever the name.
+    ddpm_cli("sample", str(tiny_run), "--num", "2", "--steps", "2", "--out", "x.npz/", "--quiet", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "x.npz").iterdir()) == ["000000.png", "000001.png"]
+    # --overwrite into a folder removes the numbered PNGs of an earlier run, and nothing else.
+    (tmp_path / "x.npz" / "notes.txt").write_text("mine")
+    ddpm_cli("sample", str(tiny_run), "--num", "1", "--steps", "2", "--out", "x.npz/", "--overwrite", "--quiet",
+             cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "x.npz").iterdir()) == ["000000.png", "notes.txt"]
+    # Run inside a checkpoint folder, the default output goes to the run's samples/, not into the checkpoint.
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    before = sorted(p.name for p in checkpoint.iterdir())
+    ddpm_cli("sample", ".", "--num", "1", "--steps", "2", "--seed", "77", "--quiet", cwd=checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    assert (run / "samples" / "sample-77.png").is_file()
+
+
 def test_point_runs_write_float_npz_and_scatter(tmp_path):
     ddpm_cli("train", "--preset", "toy2d", "--out", "pts", "--steps", "5", "--checkpoint-every", "5",
              "--model-overrides", '{"hidden_dim": 32, "num_blocks": 1}', "--num-examples", "500", "--heldout", "50",
@@ -191,6 +214,8 @@ def test_point_runs_write_float_npz_and_scatter(tmp_path):
     ddpm_cli("sample", "pts", "--num", "50", "--steps", "5", "--out", "p.png", "--trajectory", "t.png", "--quiet",
              cwd=tmp_path)
     assert Image.open(tmp_path / "p.png").size[0] > 100 and (tmp_path / "t.png").is_file()
+    gif = ddpm_cli("sample", "pts", "--out", "q.png", "--trajectory", "t.gif", "--quiet", cwd=tmp_path, check=False)
+    assert gif.returncode == 2 and "six scatter panels" in gif.stderr and not (tmp_path / "q.png").exists()
 
 
 def test_overwrite_replaces_the_whole_run(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,7 +136,8 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                         help="replay each sampling step as a CUDA graph (default: on a CUDA device)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (a folder: its numbered PNGs from an earlier run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -169,12 +171,16 @@ def _sample(args: argparse.Namespace) -> int:
     if trajectory is not None:
         if trajectory.suffix.lower() not in (".png", ".gif"):
             raise UsageError(f"--trajectory {trajectory}: use a .png (strip) or .gif (animation) file")
+        if trajectory.resolve() == out.resolve():
+            raise UsageError(f"--trajectory {trajectory} is also --out; give the two pictures different names")
         _refuse_existing(trajectory, args.overwrite, "--trajectory")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta {args.eta} is not allowed; it must be in [0, 1]")
     run = ddpm.load(run_path, device=resolve_device(args.device))
     if run.kind == "points" and _is_dir_target(args.out):
         raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
+    if run.kind == "points" and trajectory is not None and trajectory.suffix.lower() != ".png":
+        raise UsageError(f"--trajectory {trajectory}: the trajectory of points is a .png of six scatter panels")
     sampler = args.sampler or run.config.sample.sampler
     steps = args.steps if args.steps is not None else run.default_steps(sampler)
     if steps is not None and steps > run.schedule.num_steps:
@@ -200,12 +206,15 @@ def _sample(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
                          callback=record if trajectory is not None else None, cuda_graph=args.cuda_graph)
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = out.suffix.lower()
-    if suffix == ".npz":
-        array = to_uint8(samples.clamp(-1, 1)).numpy() if run.kind == "image" else samples.float().numpy()
-        np.savez(out, arr_0=array)
-    elif _is_dir_target(args.out):
+    if _is_dir_target(args.out):
+        for earlier in out.glob("*.png") if out.is_dir() else ():
+            if re.fullmatch(r"\d{6}\.png", earlier.name):  # what save_images names; other files stay
+                earlier.unlink()
         save_images(samples.clamp(-1, 1), out)
+    elif out.suffix.lower() == ".npz":
+        array = to_uint8(samples.clamp(-1, 1)).numpy() if run.kind == "image" else samples.float().numpy()
+        with open(out, "wb") as file:  # by name, np.savez would add ".npz" to "x.NPZ"
+            np.savez(file, arr_0=array)
     elif run.kind == "image":
         save_grid(samples.clamp(-1, 1), out)
     else:
@@ -224,7 +233,7 @@ def _is_dir_target(text: str | None) -> bool:
 def _sample_output(args: argparse.Namespace, run_path: Path) -> Path:
     if args.out is None:
         base = run_path if (run_path / "config.json").is_file() and not (run_path / "model.safetensors").exists() \
-            else run_path.parent.parent
+            else run_path.resolve().parent.parent  # a checkpoint folder (even ".") is RUN/checkpoints/step_N
         out = base / "samples" / f"sample-{args.seed}.png"
     else:
         out = Path(args.out)
@@ -246,9 +255,9 @@ def _refuse_existing(path: Path, overwrite: bool, flag: str) -> None:
 def _save_trajectory(frames: list, labels: list[str], path: Path, kind: str) -> None:
     from ddpm.visualize import denoising_strip, save_animation, scatter_png
 
-    if kind == "points":  # six panels from x_T to x_0, as a .png whatever the suffix
+    if kind == "points":  # six panels from x_T to x_0 (a .png: _sample refuses other names)
         chosen = sorted({round(i * (len(frames) - 1) / 5) for i in range(6)})
-        scatter_png([frames[i][:, :2] for i in chosen], path.with_suffix(".png"),
+        scatter_png([frames[i][:, :2] for i in chosen], path,
                     titles=[labels[i] for i in chosen[:-1]] + ["x_0"])
         return
     frames = [f.clamp(-1, 1) for f in frames]
@@ -314,7 +323,7 @@ def _eval(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, seed=args.seed, variance=args.variance, data_dir=args.data_dir,
                           inception_weights=args.inception_weights, progress=not args.quiet)
     report = evaluate_run(run, metrics, options)
-    out = Path(args.json) if args.json else _fresh_eval_path(run.checkpoint.parent.parent / "eval", run.step)
+    out = Path(args.json) if args.json else _fresh_eval_path(run.checkpoint.resolve().parent.parent / "eval", run.step)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step,
                      "options": {k: v for k, v in vars(options).items() if k != "progress"}, "metrics": report})
