@@ -534,6 +534,18 @@ def test_overwrite_with_missing_data(outcomes):
 
 
 @case
+def setup_eta_with_the_ddpm_sampler(tmp: Path, trained: Trained) -> Command:
+    return Command(["train", "--out", "run", "--sampler", "ddpm", "--eta", "0.5", *TINY], tmp)
+
+
+def test_eta_with_the_ddpm_sampler(outcomes):
+    # Refused before training, not at the final sample grid after a checkpoint was written.
+    outcome = outcomes["eta_with_the_ddpm_sampler"]
+    assert_one_line_error(outcome, "sample.eta", "ddim")
+    assert not (outcome.command.cwd / "run").exists()
+
+
+@case
 def setup_resume_changes_lr(tmp: Path, trained: Trained) -> Command:
     run = trained.copy(tmp / "run")
     return Command(["train", "--resume", "--out", "run", *TINY, "--steps", "5", "--lr", "0.5"], tmp, watch=[run])

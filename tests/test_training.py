@@ -3,11 +3,12 @@ after SIGKILL, clean stops on SIGINT/SIGTERM and non-finite losses, `ddpm.load`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import shutil
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -135,6 +136,17 @@ def test_run_directory_layout(tiny_run):
     saved = json.loads((tiny_run / "config.json").read_text())
     assert saved["config"]["train"]["steps"] == 12 and saved["data"]["sample_shape"] == [1, 8, 8]
     assert saved["model"]["preset"] == "unet-small" and saved["model"]["num_steps"] == 50
+
+
+def test_a_runs_eta_goes_with_its_own_sampler_only(tiny_run):
+    run = ddpm.load(tiny_run)
+    run.config = dataclasses.replace(run.config, sample=dataclasses.replace(run.config.sample, sampler="ddim",
+                                                                            eta=0.5, sample_steps=5))
+    # The run's DDIM draws with its eta 0.5; DDPM, asked for by name, gets all T steps and no eta.
+    assert torch.equal(run.sample(2), run.sample(2, sampler="ddim", steps=5, eta=0.5))
+    assert torch.equal(run.sample(2, sampler="ddpm"), run.sample(2, sampler="ddpm", steps=50, eta=0.0))
+    with pytest.raises(ValueError, match="sample.eta = 0.5 applies to sample.sampler = 'ddim' only"):
+        build_config("square", {"sample": {"sampler": "ddpm", "eta": 0.5}})
 
 
 def test_load_gives_the_trained_weights_and_samples(tiny_run):

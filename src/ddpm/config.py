@@ -337,6 +337,9 @@ def _check_values(config: Config) -> None:
         raise ValueError(f"train.weight_decay = {t.weight_decay} is not allowed; it must be 0 or more")
     if not 0.0 <= s.eta <= 1.0:
         raise ValueError(f"sample.eta = {s.eta} is not allowed; it must be in [0, 1]")
+    if s.sampler == "ddpm" and s.eta != 0.0:
+        raise ValueError(f"sample.eta = {s.eta} applies to sample.sampler = 'ddim' only (DDPM is DDIM with "
+                         f"eta 1); add --sampler ddim, or leave eta at 0")
     if s.sample_steps is not None and not 1 <= s.sample_steps <= d.num_steps:
         raise ValueError(f"sample.sample_steps = {s.sample_steps} is not allowed; it must be in 1..{d.num_steps}")
     if config.data.image_size is not None and config.data.image_size < 1:

@@ -41,7 +41,8 @@ class Run:
                generator: torch.Generator | None = None,
                callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
                cuda_graph: bool | None = None) -> Tensor:
-        """Draw ``n`` samples (n, *sample_shape) on the CPU; options default to the run's [sample] config.
+        """Draw ``n`` samples (n, *sample_shape) on the CPU; options default to the run's [sample] config
+        (its steps and eta only with its own sampler: another sampler gets all T steps and eta 0).
 
         batch_size: how many to draw at once (default all n). seed: used when no generator is given.
         clip applies to images only (points have no bounded range). cuda_graph: as in ``ddpm.sample``
@@ -52,7 +53,7 @@ class Run:
         s = self.config.sample
         sampler = s.sampler if sampler is None else sampler
         steps = self.default_steps(sampler) if steps is None else steps
-        eta = s.eta if eta is None else eta
+        eta = (s.eta if sampler == s.sampler else 0.0) if eta is None else eta  # the run's eta is its DDIM's
         clip = (s.clip if clip is None else clip) and self.kind == "image"
         batch_size = n if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
