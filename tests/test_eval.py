@@ -60,6 +60,18 @@ def test_gradients_run_gets_gradient_distance_and_bpd(runs, capsys):
     assert (runs["gradients"] / "eval" / "step_0000004-2.json").is_file()
 
 
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} in a JSON file: not JSON, strict readers refuse it")
+
+
+def test_one_heldout_example_has_no_standard_error_and_the_file_stays_json(runs, capsys, tmp_path):
+    code, out, err = _eval(capsys, str(runs["square"]), "--metric", "bpd", "--heldout", "1",
+                           "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    bpd = json.loads((tmp_path / "e.json").read_text(), parse_constant=_refuse_constant)["metrics"]["bpd"]
+    assert bpd["examples"] == 1 and bpd["standard_error"] is None and math.isfinite(bpd["bpd"])
+
+
 def test_square_metric_is_the_error_of_the_samples_it_draws(runs):
     """The metric measures the run's own samples: the same seed gives the same draw, clipped and
     rounded to 8 bits, and its RMS error to the square is what the report says."""

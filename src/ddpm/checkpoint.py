@@ -16,6 +16,7 @@ from JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from ddpm.models import unwrap_model as _unwrap
 
 __all__ = [
-    "CheckpointError", "CHECKPOINT_FILES", "checkpoint_name", "write_json", "read_json", "save_checkpoint",
+    "CheckpointError", "CHECKPOINT_FILES", "checkpoint_name", "strict_json", "write_json", "read_json", "save_checkpoint",
     "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors", "optimizer_state_to_tensors",
     "optimizer_state_from_tensors", "find_run_files",
 ]
@@ -69,12 +70,24 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every nan or inf float replaced by None: JSON has no such numbers, and Python's
+    NaN / Infinity extension breaks strict readers (jq, JavaScript, most other languages)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file, flush, rename)."""
+    """Write ``data`` as JSON to ``path`` atomically (temporary file, flush, rename); nan and inf as null."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
+        json.dump(strict_json(data), f, indent=2, sort_keys=False, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

@@ -331,7 +331,7 @@ class Metrics:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()}}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(ckpt.strict_json(record), allow_nan=False) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in values.items():
