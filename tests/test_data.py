@@ -417,8 +417,13 @@ def test_image_folder_reads_sorts_and_skips(tmp_path):
     assert (folder.images[1] == [255, 0, 0]).all() and (folder.images[2] == [0, 0, 255]).all()
     data = load_dataset(tmp_path, image_size=8, channels=1)
     assert data.data.shape == (3, 1, 8, 8) and data.kind == "image"
-    assert data.notes == ("skipped 2 of 5 files that Pillow could not read: bad.png, trunc.png",)
+    assert data.notes == ("skipped 2 of 5 files that Pillow could not read: bad.png, trunc.png",
+                          "converted 2 of 3 images to gray (data.channels, --channels)",
+                          "resized and centre-cropped 3 of 3 images to 8x8 (data.image_size, --image-size)")
     assert len(data.skipped) == 2
+    assert load_dataset(tmp_path, image_size=16, channels=3).notes[1:] == (
+        "converted 1 of 3 images to colour (data.channels, --channels)",
+        "resized and centre-cropped 2 of 3 images to 16x16 (data.image_size, --image-size)")
 
 
 def test_image_folder_resizes_shorter_side_then_centre_crops(tmp_path):
@@ -437,6 +442,7 @@ def test_image_folder_defaults_modes_and_transparency(tmp_path):
     _save(tmp_path / "h.png", Image.fromarray(np.full((12, 12), 65535, np.uint16)))  # 16-bit gray
     folder = load_image_folder(tmp_path)  # size and channels from the first image
     assert folder.images.shape == (2, 12, 12, 1)
+    assert (folder.resized, folder.converted) == (0, 0) and load_dataset(tmp_path).notes == ()
     assert (folder.images[1] == 255).all()  # scaled from 16 bits, not clipped garbage
     clear = tmp_path / "rgba"
     _save(clear / "t.png", Image.new("RGBA", (8, 8), (0, 0, 0, 0)))

@@ -29,13 +29,16 @@ class FolderImages(NamedTuple):
     """The decoded images and what could not be decoded.
 
     images: uint8 (N, S, S, C); files: the N files read, in order; skipped: files Pillow could not
-    read; total: files considered (N + len(skipped)).
+    read; total: files considered (N + len(skipped)); resized, converted: how many of the N were not
+    S x S, and how many were colour made gray or gray made colour.
     """
 
     images: np.ndarray
     files: tuple[Path, ...]
     skipped: tuple[Path, ...]
     total: int
+    resized: int = 0
+    converted: int = 0
 
 
 def list_image_files(root: str | Path) -> list[Path]:
@@ -111,6 +114,7 @@ def load_image_folder(
     read: list[Path] = []
     skipped: list[Path] = []
     out: np.ndarray | None = None
+    resized = converted = 0
     for path in files:
         try:
             image = _open(path)
@@ -121,6 +125,8 @@ def load_image_folder(
             image_size = image_size or min(image.size)
             channels = channels or (1 if _is_gray(image) else 3)
             out = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
+        resized += image.size != (image_size, image_size)
+        converted += _is_gray(image) != (channels == 1)
         pixels = np.asarray(_resize_center_crop(_to_mode(image, "L" if channels == 1 else "RGB"), image_size))
         out[len(read)] = pixels.reshape(image_size, image_size, channels)
         read.append(path)
@@ -128,4 +134,4 @@ def load_image_folder(
         raise DataError(
             f"none of the {len(files)} image files in {root} could be read by Pillow (first: {files[0].name})"
         )
-    return FolderImages(out[: len(read)], tuple(read), tuple(skipped), len(files))
+    return FolderImages(out[: len(read)], tuple(read), tuple(skipped), len(files), resized, converted)

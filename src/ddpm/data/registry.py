@@ -222,9 +222,16 @@ def _image_folder(path: Path, image_size: int | None, channels: int | None, seed
     if index is not None:
         files = [files[i] for i in index.tolist()]
     folder = load_image_folder(path, image_size=image_size, channels=channels, files=files)
-    notes = (skipped_message(folder.skipped, folder.total),) if folder.skipped else ()
+    count, size, depth = len(folder.files), folder.images.shape[1], folder.images.shape[3]
+    notes = [skipped_message(folder.skipped, folder.total)] if folder.skipped else []
+    if folder.converted:
+        notes.append(f"converted {folder.converted} of {count} images to {'gray' if depth == 1 else 'colour'} "
+                     f"(data.channels, --channels)")
+    if folder.resized:
+        notes.append(f"resized and centre-cropped {folder.resized} of {count} images to {size}x{size} "
+                     f"(data.image_size, --image-size)")
     skipped = tuple(str(p) for p in folder.skipped)
-    return Dataset(uint8_to_float(folder.images), "image", path.name, notes=notes, skipped=skipped)
+    return Dataset(uint8_to_float(folder.images), "image", path.name, notes=tuple(notes), skipped=skipped)
 
 
 def _array_file(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None) -> Dataset:
