@@ -76,6 +76,14 @@ def test_config_round_trips_through_json_and_rejects_unknown_keys():
         build_config("square", {"train": {"batch_size": -4}})
 
 
+def test_a_presets_model_overrides_stay_with_its_model():
+    assert build_config("gradients").model.overrides == {"hidden_dim": 128}
+    assert build_config("gradients", {"model": {"preset": "mlp-toy"}}).model.overrides == {"hidden_dim": 128}
+    assert build_config("gradients", {"model": {"preset": "unet-small"}}).model.overrides == {}
+    asked = build_config("gradients", {"model": {"preset": "unet-small", "overrides": {"channels": [8, 16]}}})
+    assert asked.model.overrides == {"channels": [8, 16]}
+
+
 def test_a_presets_example_count_applies_to_generated_sets_only():
     assert build_config("toy2d").data.num_examples == 100_000
     assert build_config("toy2d", {"data": {"source": "moons"}}).data.num_examples == 100_000

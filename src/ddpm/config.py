@@ -18,7 +18,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -186,18 +186,31 @@ def build_config(preset: str = DEFAULT_PRESET, *layers: Mapping[str, Any]) -> Co
     """The config of a training preset with ``layers`` (nested dicts, later ones winning) on top."""
     if preset not in TRAINING_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(TRAINING_PRESETS)}")
-    from ddpm.data.registry import is_generated
-
     merged: dict[str, Any] = {"preset": preset}
     for layer in (TRAINING_PRESETS[preset][1], *layers):
         merged = _merge(merged, layer)
-    # A preset's num_examples is how many examples it draws of a generated set; data from a file, a
-    # folder or MNIST/CIFAR-10 is used whole unless a layer above the preset asks for fewer.
-    data = merged.get("data")
-    asked = any("num_examples" in _section(layer, "data") for layer in layers)
-    if isinstance(data, Mapping) and not asked and not is_generated(str(data.get("source", DataConfig.source))):
+    return config_from_dict(_without_stale_preset_settings(merged, TRAINING_PRESETS[preset][1], layers))
+
+
+def _without_stale_preset_settings(merged: dict[str, Any], preset: Mapping[str, Any],
+                                   layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Settings a preset made for one of its choices stay behind when a layer makes another choice,
+    unless the layer sets them too: the model overrides are for the preset's own model, and the
+    example count is how many examples to draw of a generated set (a file, a folder or MNIST /
+    CIFAR-10 is used whole)."""
+    from ddpm.data.registry import is_generated
+
+    def asked(section: str, name: str) -> bool:
+        return any(name in _section(layer, section) for layer in layers)
+
+    model, data = merged.get("model"), merged.get("data")
+    if (isinstance(model, Mapping) and not asked("model", "overrides")
+            and model.get("preset") != _section(preset, "model").get("preset")):
+        merged["model"] = {**model, "overrides": {}}
+    if (isinstance(data, Mapping) and not asked("data", "num_examples")
+            and not is_generated(str(data.get("source", DataConfig.source)))):
         merged["data"] = {**data, "num_examples": None}
-    return config_from_dict(merged)
+    return merged
 
 
 def _section(layer: Mapping[str, Any], name: str) -> Mapping[str, Any]:
