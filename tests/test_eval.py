@@ -100,6 +100,25 @@ def test_points_run_gets_energy_distance_beside_its_noise_floor(runs, capsys, tm
     assert metrics["bpd"]["decoder_kind"].startswith("gaussian") and math.isfinite(metrics["bpd"]["bpd"])
 
 
+def test_the_energy_noise_floor_compares_disjoint_points_of_a_small_file(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from ddpm.evaluation import evaluate
+
+    np.save(tmp_path / "p.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    run = _train(tmp_path, "toy2d", model={"overrides": {"hidden_dim": 16, "num_blocks": 1}},
+                 data={"source": str(tmp_path / "p.npy"), "heldout": 0}, diffusion={"num_steps": 20})
+    calls = []
+    monkeypatch.setattr(evaluate, "energy_distance", lambda x, y: calls.append((x, y)) or 0.0)
+    code, out, err = _eval(capsys, str(run), "--metric", "energy", "--num", "100", "--steps", "5")
+    assert code == 0, err
+    (samples, data), (other, data_again) = calls
+    assert len(samples) == 100 and data is data_again and len(data) == len(other) == 25
+    assert not (other[:, None, :] == data[None, :, :]).all(-1).any(), "a point in both sets"
+    code, out, err = _eval(capsys, str(run), "--metric", "energy", "--num", "1")
+    assert code == 2 and "at least 2 samples" in err and "--num 1" in err
+
+
 def test_fid_with_an_inception_weights_file(runs, capsys, tmp_path):
     """The Inception pipeline end to end with a weights file of the right layout (random weights:
     the real file cannot be downloaded here, so the number means nothing but must be finite)."""

@@ -100,6 +100,8 @@ class _Evaluation:
         needs = {"gradient": "gradients", "square": "square", "fid-mnist": "mnist"}  # the data each is made for
         if metric == "energy" and self.run.kind != "points":
             raise ValueError("the energy metric compares point sets; this run's data are images")
+        if metric == "energy" and self.options.num < 2:
+            raise ValueError(f"the energy metric needs at least 2 samples; got --num {self.options.num}")
         if metric in needs and self.source != needs[metric]:
             raise ValueError(f"the {metric} metric needs a run trained on {needs[metric]}; this run's data is "
                              f"{self.run.config.data.source!r}")
@@ -113,11 +115,11 @@ class _Evaluation:
 
             inception_weights_path(self.options.inception_weights)  # a one-line error if it is missing
 
-    def reference(self, n: int, *, seed_offset: int = 0) -> Dataset:
+    def reference(self, n: int) -> Dataset:
         """``n`` held-out examples (fewer if the data has fewer) in the run's data shape: the test split
         where the data has one (a fresh draw for generated sets), else the training data itself."""
         d = self.run.config.data
-        seed = self.options.seed + 1 + seed_offset
+        seed = self.options.seed + 1
         common = dict(image_size=d.image_size, channels=d.channels, data_dir=self.data_dir)
         generated = d.source in DATASETS and d.source not in ("mnist", "cifar10")
         try:
@@ -223,11 +225,19 @@ def _fid(e: _Evaluation) -> dict[str, Any]:
 
 
 def _energy(e: _Evaluation) -> dict[str, Any]:
+    # The noise floor compares two disjoint sets of held-out points, as many as the samples where the
+    # data has 2n, else its two halves (overlapping sets would pull the floor towards 0).
     n = len(e.samples)
-    data = e.reference(n).data
-    other = e.reference(n, seed_offset=1).data
+    pool = e.reference(2 * n).data
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(e.options.seed))]
+    size = min(n, len(pool) // 2)
+    if size < 2:
+        raise ValueError(f"the energy metric needs at least 4 held-out points for its noise floor; "
+                         f"the data holds {len(pool)}")
+    data, other = pool[:size], pool[size:2 * size]
     return {"energy_distance": energy_distance(e.samples, data), "noise_floor": energy_distance(other, data),
-            "samples": n, "sampler": e.sampler_description()}
+            "samples": n, "reference": f"{size} held-out points, and {size} others for the noise floor",
+            "sampler": e.sampler_description()}
 
 
 def _gradient(e: _Evaluation) -> dict[str, Any]:
