@@ -675,6 +675,31 @@ def test_sample_trajectory_is_out(outcomes):
 
 
 @case
+def setup_sample_seed_out_of_range(tmp: Path, trained: Trained) -> Command:
+    return Command(["sample", str(trained.square), "--seed", str(10**20), "--out", "x.png", "--quiet"], tmp,
+                   watch=[trained.square])
+
+
+def test_sample_seed_out_of_range(outcomes):
+    outcome = outcomes["sample_seed_out_of_range"]
+    assert_one_line_error(outcome, "--seed", str(10**20), "2**62")
+    assert not (outcome.command.cwd / "x.png").exists()
+
+
+@case
+def setup_sample_on_a_missing_gpu(tmp: Path, trained: Trained) -> Command:
+    return Command(["sample", str(trained.square), "--device", "cuda:7", "--out", "x.png", "--quiet"], tmp,
+                   watch=[trained.square])
+
+
+def test_sample_on_a_missing_gpu(outcomes):
+    # Without CUDA (as on the CI machine): one line that names the flag, not train.device.
+    outcome = outcomes["sample_on_a_missing_gpu"]
+    assert_one_line_error(outcome, "--device", "cuda:7")
+    assert "train.device" not in outcome.stderr
+
+
+@case
 def setup_sample_eta_too_large(tmp: Path, trained: Trained) -> Command:
     return Command(["sample", str(trained.square), "--num", "2", "--sampler", "ddim", "--eta", "2",
                     "--out", "x.png", "--quiet"], tmp, watch=[trained.square])

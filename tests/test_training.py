@@ -74,6 +74,8 @@ def test_config_round_trips_through_json_and_rejects_unknown_keys():
         build_config("square", {"train": {"steps": 0}})
     with pytest.raises(ValueError, match="batch_size"):
         build_config("square", {"train": {"batch_size": -4}})
+    with pytest.raises(ValueError, match=r"train.seed = 9223372036854775808 is out of range"):
+        build_config("square", {"train": {"seed": 2**63}})  # torch would fail with "Overflow when unpacking"
 
 
 def test_a_presets_model_overrides_stay_with_its_model():
@@ -221,6 +223,10 @@ def test_sample_writes_where_it_says_and_replaces_only_its_own_files(tiny_run, t
     ddpm_cli("sample", ".", "--num", "1", "--steps", "2", "--seed", "77", "--quiet", cwd=checkpoint)
     assert sorted(p.name for p in checkpoint.iterdir()) == before
     assert (run / "samples" / "sample-77.png").is_file()
+    # The default name is never reused: a second run gets sample-77-2.png.
+    first = (run / "samples" / "sample-77.png").read_bytes()
+    ddpm_cli("sample", str(run), "--num", "1", "--steps", "2", "--seed", "77", "--quiet", cwd=tmp_path)
+    assert (run / "samples" / "sample-77-2.png").is_file() and (run / "samples" / "sample-77.png").read_bytes() == first
 
 
 def test_point_runs_write_float_npz_and_scatter(tmp_path):

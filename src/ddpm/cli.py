@@ -15,7 +15,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -105,11 +105,7 @@ def _is_main_process() -> bool:
 
 def _fresh_run_dir(base: Path) -> Path:
     """runs/PRESET, or runs/PRESET-2, -3, ... when it is taken: a default never reuses a run."""
-    candidate, number = base, 1
-    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
-        number += 1
-        candidate = base.with_name(f"{base.name}-{number}")
-    return candidate
+    return _fresh_path(base, taken=lambda p: p.exists() and (not p.is_dir() or any(p.iterdir())))
 
 
 # --- ddpm sample ----------------------------------------------------------------------------------
@@ -126,7 +122,7 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, help="clip predicted x0 to [-1, 1]")
     parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=256,
                         help="samples drawn at once (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the starting noise (default 0)")
     parser.add_argument("--out", metavar="FILE|DIR/", default=None,
                         help="x.png: a grid; DIR/: one PNG per image; x.npz: arr_0, uint8 (N, H, W, C) "
                              "(float32 (N, D) for points). Default RUN_DIR/samples/sample-SEED.png")
@@ -153,6 +149,18 @@ def _positive_int(flag: str):
     return parse
 
 
+def _seed(text: str) -> int:
+    from ddpm.config import SEED_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not abs(value) < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; a seed lies between -2**62 and 2**62")
+    return value
+
+
 _TRAJECTORY_IMAGES = 8  # rows of a trajectory picture (images); point clouds keep every point
 _GIF_FRAMES = 60
 
@@ -176,7 +184,7 @@ def _sample(args: argparse.Namespace) -> int:
         _refuse_existing(trajectory, args.overwrite, "--trajectory")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta {args.eta} is not allowed; it must be in [0, 1]")
-    run = ddpm.load(run_path, device=resolve_device(args.device))
+    run = ddpm.load(run_path, device=resolve_device(args.device, setting="--device"))
     if run.kind == "points" and _is_dir_target(args.out):
         raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
     if run.kind == "points" and trajectory is not None and trajectory.suffix.lower() != ".png":
@@ -234,9 +242,8 @@ def _sample_output(args: argparse.Namespace, run_path: Path) -> Path:
     if args.out is None:
         base = run_path if (run_path / "config.json").is_file() and not (run_path / "model.safetensors").exists() \
             else run_path.resolve().parent.parent  # a checkpoint folder (even ".") is RUN/checkpoints/step_N
-        out = base / "samples" / f"sample-{args.seed}.png"
-    else:
-        out = Path(args.out)
+        return _fresh_path(base / "samples" / f"sample-{args.seed}.png")  # a default never replaces a file
+    out = Path(args.out)
     if _is_dir_target(args.out):
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             raise UsageError(f"--out {out} is a folder that is not empty; add --overwrite or choose another")
@@ -290,7 +297,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (default: the run's)")
     parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250,
                         help="samples drawn at once (default 250)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of samples and held-out choice (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of samples and held-out choice (default 0)")
     parser.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large",
                         help="sigma_t^2 of the bound's reverse steps: beta_t (default, the tighter bound) or beta tilde")
     parser.add_argument("--data-dir", help="where the MNIST / CIFAR-10 files are, if not where the run was trained")
@@ -314,7 +321,7 @@ def _eval(args: argparse.Namespace) -> int:
         _refuse_existing(Path(args.json), args.overwrite, "--json")
         if Path(args.json).suffix.lower() != ".json":
             raise UsageError(f"--json {args.json}: the file name must end in .json")
-    run = ddpm.load(args.run, device=resolve_device(args.device))
+    run = ddpm.load(args.run, device=resolve_device(args.device, setting="--device"))
     if args.steps is not None and args.steps > run.schedule.num_steps:
         raise UsageError(f"--steps {args.steps} is not allowed; this run has T = {run.schedule.num_steps}, "
                          f"so use 1..{run.schedule.num_steps}")
@@ -323,7 +330,7 @@ def _eval(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, seed=args.seed, variance=args.variance, data_dir=args.data_dir,
                           inception_weights=args.inception_weights, progress=not args.quiet)
     report = evaluate_run(run, metrics, options)
-    out = Path(args.json) if args.json else _fresh_eval_path(run.checkpoint.resolve().parent.parent / "eval", run.step)
+    out = Path(args.json) if args.json else _fresh_path(run.checkpoint.resolve().parent.parent / "eval" / f"step_{run.step:07d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step,
                      "options": {k: v for k, v in vars(options).items() if k != "progress"}, "metrics": report})
@@ -333,12 +340,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fresh_eval_path(folder: Path, step: int) -> Path:
-    """eval/step_N.json, or step_N-2.json, -3, ... : an earlier evaluation is never overwritten."""
-    candidate, number = folder / f"step_{step:07d}.json", 1
-    while candidate.exists():
+def _fresh_path(path: Path, taken: Callable[[Path], bool] = Path.exists) -> Path:
+    """path, or NAME-2.EXT, NAME-3.EXT, ... beside it: the first that is not ``taken``."""
+    candidate, number = path, 1
+    while taken(candidate):
         number += 1
-        candidate = folder / f"step_{step:07d}-{number}.json"
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
     return candidate
 
 

@@ -180,6 +180,8 @@ TRAINING_PRESETS: dict[str, _Preset] = {
          "sample": {"sampler": "ddim", "sample_steps": 100, "num_samples": 64}}),
 }
 DEFAULT_PRESET = "square-fast"
+# torch's generators take 64-bit seeds, and a run derives seeds + 1, + 2 (and the test split's) from its own.
+SEED_LIMIT = 2**62
 
 
 def build_config(preset: str = DEFAULT_PRESET, *layers: Mapping[str, Any]) -> Config:
@@ -340,6 +342,8 @@ def _check_values(config: Config) -> None:
             raise ValueError(f"{name} = {value} is not allowed; it must be 0 or more")
     if t.batch_size % t.grad_accum:
         raise ValueError(f"train.batch_size = {t.batch_size} must be divisible by train.grad_accum = {t.grad_accum}")
+    if not abs(t.seed) < SEED_LIMIT:
+        raise ValueError(f"train.seed = {t.seed} is out of range; a seed lies between -2**62 and 2**62")
     if not (t.lr > 0 and math.isfinite(t.lr)):
         raise ValueError(f"train.lr = {t.lr} is not allowed; it must be a positive number")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -108,8 +108,10 @@ class TrainResult:
 
 # --- building the pieces --------------------------------------------------------------------------
 
-def resolve_device(name: str, world: distributed.World = distributed.SINGLE) -> torch.device:
-    """The device ``train.device`` names; under torchrun "auto" and "cuda" mean this process's GPU."""
+def resolve_device(name: str, world: distributed.World = distributed.SINGLE, *,
+                   setting: str = "train.device") -> torch.device:
+    """The device ``name`` (given as ``setting``, which errors name) stands for; under torchrun "auto"
+    and "cuda" mean this process's GPU."""
     if world.active and name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", world.local_rank)  # one GPU per process
     if name == "auto":
@@ -117,10 +119,14 @@ def resolve_device(name: str, world: distributed.World = distributed.SINGLE) -> 
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device = {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        raise ValueError(f"{_given(setting, name)} is not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device = {name!r} but CUDA is not available here; use cpu or auto")
+        raise ValueError(f"{_given(setting, name)}, but CUDA is not available here; use cpu or auto")
     return device
+
+
+def _given(setting: str, value: str) -> str:
+    return f"{setting} {value}" if setting.startswith("--") else f"{setting} = {value!r}"
 
 
 def build_schedule(config: Config) -> NoiseSchedule:
