@@ -546,6 +546,19 @@ def test_eta_with_the_ddpm_sampler(outcomes):
 
 
 @case
+def setup_resume_names_another_preset(tmp: Path, trained: Trained) -> Command:
+    run = trained.copy(tmp / "run")
+    return Command(["train", "--resume", "--out", "run", "--preset", "toy2d", *TINY, "--steps", "5"], tmp,
+                   watch=[run])
+
+
+def test_resume_names_another_preset(outcomes):
+    outcome = outcomes["resume_names_another_preset"]
+    assert_one_line_error(outcome, "preset", "square-fast", "resum")
+    assert_untouched(outcome)
+
+
+@case
 def setup_resume_changes_lr(tmp: Path, trained: Trained) -> Command:
     run = trained.copy(tmp / "run")
     return Command(["train", "--resume", "--out", "run", *TINY, "--steps", "5", "--lr", "0.5"], tmp, watch=[run])

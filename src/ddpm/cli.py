@@ -87,6 +87,8 @@ def _train(args: argparse.Namespace) -> int:
             changed.add(key)
     changed |= {f"{section}.{name}" for section, values in file_layer.items() if isinstance(values, dict)
                 for name in values}
+    if "preset" in given or "preset" in file_layer:
+        changed.add("preset")
     config = build_config(preset, {k: v for k, v in file_layer.items() if k != "preset"}, flags)
     out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
     result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),

@@ -294,9 +294,14 @@ def run_metadata(config: Config, model: nn.Module, dataset: Dataset) -> dict[str
 
 
 def check_resume_config(saved: Config, asked: Config, changed: set[str]) -> Config:
-    """The saved config with the allowed changes of ``asked`` applied; other changes are an error."""
+    """The saved config with the allowed changes of ``asked`` applied; other changes are an error.
+
+    changed: the fields the user set ("train.steps", ...), and "preset" when a preset was named."""
     saved_dict, asked_dict = config_to_dict(saved), config_to_dict(asked)
-    for name in sorted(changed):
+    if "preset" in changed and saved.preset != asked.preset:
+        raise RunDirError(f"cannot change the preset when resuming (the run was trained with preset "
+                          f"{saved.preset!r}); leave --preset out to continue it")
+    for name in sorted(changed - {"preset"}):
         section, key = name.split(".")
         if saved_dict[section][key] != asked_dict[section][key] and name not in RESUMABLE_FIELDS:
             raise RunDirError(f"cannot change {name} when resuming (the run has {saved_dict[section][key]!r}); "
