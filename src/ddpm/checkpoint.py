@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from ddpm.models import unwrap_model as _unwrap
 
 __all__ = [
-    "CheckpointError", "CHECKPOINT_FILES", "checkpoint_name", "strict_json", "write_json", "read_json", "save_checkpoint",
-    "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors", "optimizer_state_to_tensors",
-    "optimizer_state_from_tensors", "find_run_files",
+    "CheckpointError", "CHECKPOINT_FILES", "checkpoint_name", "strict_json", "write_json", "read_json",
+    "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors",
+    "optimizer_state_to_tensors", "optimizer_state_from_tensors", "find_run_files",
 ]
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "config.json")

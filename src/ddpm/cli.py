@@ -119,8 +119,10 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     parser.add_argument("--num", type=_positive_int("--num"), default=16, help="how many samples (default 16)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's [sample] sampler")
-    parser.add_argument("--steps", type=_positive_int("--steps"), help="timesteps to visit (default: the run's)")
-    parser.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (default: the run's)")
+    parser.add_argument("--steps", type=_positive_int("--steps"),
+                        help="timesteps to visit (default: the run's with its own sampler, else all T)")
+    parser.add_argument("--eta", type=float,
+                        help="DDIM noise in [0, 1] (default: the run's with its own sampler, else 0)")
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, help="clip predicted x0 to [-1, 1]")
     parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=256,
                         help="samples drawn at once (default 256)")
@@ -295,8 +297,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--heldout", type=_positive_int("--heldout"), default=100,
                         help="held-out examples for bpd; each costs T network calls (default 100)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's [sample] sampler")
-    parser.add_argument("--steps", type=_positive_int("--steps"), help="timesteps to visit (default: the run's)")
-    parser.add_argument("--eta", type=float, help="DDIM noise in [0, 1] (default: the run's)")
+    parser.add_argument("--steps", type=_positive_int("--steps"),
+                        help="timesteps to visit (default: the run's with its own sampler, else all T)")
+    parser.add_argument("--eta", type=float,
+                        help="DDIM noise in [0, 1] (default: the run's with its own sampler, else 0)")
     parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250,
                         help="samples drawn at once (default 250)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of samples and held-out choice (default 0)")
