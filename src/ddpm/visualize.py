@@ -292,9 +292,10 @@ def scatter_png(point_sets: Sequence[Tensor], path: str | Path, titles: Sequence
     draw = ImageDraw.Draw(image)
     font = _font()
     origins = [(i * panel_width + margin, title_height + margin) for i in range(len(sets))]
-    # The pixel column of x = 0 and row of y = 0, by the same mapping as the points.
-    axes = _point_pixels(torch.tensor([[min(max(0.0, xlim[0]), xlim[1]), min(max(0.0, ylim[0]), ylim[1])]]),
-                         xlim, ylim, size)[0]
+    # The pixel column of x = 0 and row of y = 0, by the same mapping as the points (0 clamped into
+    # the window in float64: in float32 the clamped value can round outside it and be dropped).
+    nearest_zero = [[min(max(0.0, xlim[0]), xlim[1]), min(max(0.0, ylim[0]), ylim[1])]]
+    axes = _point_pixels(torch.tensor(nearest_zero, dtype=torch.float64), xlim, ylim, size)[0]
     for i, (x0, y0) in enumerate(origins):
         if xlim[0] <= 0 <= xlim[1]:
             draw.line([(x0 + axes[0], y0), (x0 + axes[0], y0 + size - 1)], fill=_AXIS)
