@@ -153,10 +153,11 @@ def save_checkpoint(
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_writes(root)
     name = checkpoint_name(step)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
+    if tmp.exists():  # left by an earlier process with this pid
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(_cpu_state(model), tmp / "model.safetensors")
@@ -178,9 +179,39 @@ def save_checkpoint(
         os.fsync(f.fileno())
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # The last ``keep`` written are this one and those of the steps before it; folders of later
+    # steps (left by a run resumed from an earlier checkpoint) are replaced when the run reaches them.
+    earlier = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
+    for old in earlier[:max(len(earlier) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
+
+
+def _remove_abandoned_writes(root: Path) -> None:
+    """Delete the temporary folders and files of checkpoint writes whose process is gone (killed
+    mid-write): each is a whole checkpoint's size and nothing reads it."""
+    for path in root.glob(".*tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_exists(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
@@ -196,15 +227,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, or None when the run has none yet."""
+    """The checkpoint ``latest`` names, or None when the run has none yet.
+
+    Without ``latest`` (lost, or a kill between a first checkpoint's folder and its pointer) it is
+    the newest complete checkpoint folder, which is what ``latest`` is written to name."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if not pointer.exists():
-        return None
+        complete = [p for p in list_checkpoints(run_dir) if all((p / f).is_file() for f in CHECKPOINT_FILES)]
+        return complete[-1] if complete else None
     name = pointer.read_text(encoding="utf-8").strip()
     if not _STEP_DIR.match(name):
         raise CheckpointError(f"{pointer} is damaged: it should name a step_NNNNNNN folder, not {name[:40]!r}")
