@@ -295,6 +295,16 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     assert steps == sorted(set(steps))
 
 
+def test_resuming_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    args = ["--out", "run", "--steps", "10", "--checkpoint-every", "10", *TINY]
+    ddpm_cli("train", *args, cwd=tmp_path)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed after logging steps 5 and 10
+    # Resumed from step 0, with the data now somewhere else (data_dir may change on resume).
+    ddpm_cli("train", "--resume", *args, "--data-dir", str(tmp_path / "elsewhere"), cwd=tmp_path)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10]
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_write_a_checkpoint_and_exit_with_one_line(tmp_path, signum, code):
     process = subprocess.Popen(

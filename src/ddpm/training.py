@@ -51,11 +51,12 @@ __all__ = [
 FORMAT_VERSION = 1
 
 # Fields a resumed run may change: they decide when to stop and what to write, not what is computed
-# (grad_accum, like the number of processes, changes only the order in which gradients are added).
+# (grad_accum, like the number of processes, changes only the order in which gradients are added;
+# data_dir says only where the data files are, e.g. on another machine).
 RESUMABLE_FIELDS = {
     "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.sample_every", "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.grad_accum",
-    "train.channels_last", "train.fused_optimizer",
+    "train.channels_last", "train.fused_optimizer", "data.data_dir",
     "sample.sampler", "sample.sample_steps", "sample.eta", "sample.clip", "sample.num_samples",
 }
 
@@ -317,8 +318,10 @@ class Metrics:
 
     def __init__(self, run_dir: Path, config: Config, resume_step: int, notes: list[str]):
         self.path = run_dir / "metrics.jsonl"
-        if resume_step and self.path.exists():
-            # Drop what a killed run logged after its last checkpoint: those steps are redone.
+        resumed = self.path.exists()  # a new run's directory has none
+        if resumed:
+            # Drop what a killed run logged after its last checkpoint (all of it if it had none yet):
+            # those steps are redone.
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and _line_step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -328,7 +331,7 @@ class Metrics:
         if config.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step if resumed else None)
             except ImportError:
                 notes.append("TensorBoard logging skipped: the tensorboard package is not installed "
                              "(pip install tensorboard); metrics are in metrics.jsonl")
