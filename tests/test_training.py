@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -62,6 +63,21 @@ def test_every_config_field_has_one_flag_and_flags_set_fields():
         by_flag["--batch-size"].parse("sixty")
     with pytest.raises(ValueError, match="--schedule"):
         by_flag["--schedule"].parse("quadratic")
+
+
+def test_train_help_shows_the_default_presets_values(capsys):
+    from ddpm.cli import main
+    from ddpm.config import DEFAULT_PRESET
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    config = build_config(DEFAULT_PRESET)
+    for flag, value in (("--lr", config.train.lr), ("--warmup", config.train.warmup),
+                        ("--steps", config.train.steps), ("--heldout", config.data.heldout)):
+        assert re.search(rf"{flag} [A-Z_]+ (?:(?! --).)*\(default {value}\)", text), f"{flag}: {value} not shown"
+    assert f"default preset, {DEFAULT_PRESET}" in text
 
 
 def test_config_round_trips_through_json_and_rejects_unknown_keys():

@@ -46,7 +46,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
     parser = commands.add_parser(
         "train", help="train a model (Algorithm 1) into a run directory",
-        description="Train a noise-prediction network. Values come from the preset, then --config, then flags.",
+        description="Train a noise-prediction network. Values come from the preset, then --config, then flags. "
+                    f"The defaults shown are those of the default preset, {DEFAULT_PRESET}; every preset sets "
+                    "its own (`ddpm presets`).",
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=list(TRAINING_PRESETS),
                         help=f"training preset (default {DEFAULT_PRESET}); see `ddpm presets`")
@@ -56,14 +58,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     groups: dict[str, argparse._ArgumentGroup] = {}
+    preset = TRAINING_PRESETS[DEFAULT_PRESET][1]
     for f in flag_fields():
         group = groups.setdefault(f.section, parser.add_argument_group(f"[{f.section}]"))
         dest = f"{f.section}.{f.name}"
+        default = preset.get(f.section, {}).get(f.name, f.default)
         if f.annotation is bool:
             group.add_argument(f.flag, dest=dest, action=argparse.BooleanOptionalAction,
-                               help=f"{f.help} (default {f.default})")
+                               help=f"{f.help} (default {default})")
         else:
-            group.add_argument(f.flag, dest=dest, metavar=f.name.upper(), help=f"{f.help} (default {f.default})")
+            group.add_argument(f.flag, dest=dest, metavar=f.name.upper(), help=f"{f.help} (default {default})")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ fields (``--batch-size`` sets ``train.batch_size``), so nothing is written out t
 increasing priority, from the dataclass defaults, a training preset, a TOML/JSON file, then flags.
 
     config = build_config("mnist", {"train": {"steps": 2000}})
-    config.train.batch_size       # 128
+    config.train.batch_size       # 64, the mnist preset's
     config_to_dict(config)        # JSON-able; config_from_dict(...) reads it back, checking every key
 """
 
