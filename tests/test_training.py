@@ -285,6 +285,18 @@ def test_runs_on_points_of_three_coordinates_save_scatters_of_the_first_two(tmp_
     assert np.load(tmp_path / "p.npz")["arr_0"].shape == (5, 3)
 
 
+def test_points_of_one_coordinate_are_sampled_to_npz(tmp_path):
+    np.save(tmp_path / "p1.npy", np.random.default_rng(0).normal(size=(200, 1)).astype(np.float32))
+    trained = ddpm_cli("train", "--preset", "toy2d", "--data", "p1.npy", "--out", "run", "--steps", "4",
+                       "--checkpoint-every", "4", "--model-overrides", '{"hidden_dim": 16, "num_blocks": 1}',
+                       "--heldout", "20", *TINY, cwd=tmp_path)
+    assert "samples in" not in trained.stdout  # one coordinate makes no picture, so there is no folder
+    ddpm_cli("sample", "run", "--num", "5", "--steps", "5", "--quiet", cwd=tmp_path)
+    assert np.load(tmp_path / "run" / "samples" / "sample-0.npz")["arr_0"].shape == (5, 1)
+    refused = ddpm_cli("sample", "run", "--out", "x.png", "--quiet", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "--out x.npz" in refused.stderr and not (tmp_path / "x.png").exists()
+
+
 def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     args = ["--steps", "40", "--checkpoint-every", "3", "--eval-every", "0", "--num-steps", "50",
             "--batch-size", "16", "--sample-steps", "5", "--num-samples", "2", "--sample-every", "0",

@@ -98,8 +98,9 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
                    changed=changed, progress=not given.get("quiet", False))
     if _is_main_process():
+        pictures = result.run_dir / "samples"
         print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {result.loss:.4f}; "
-              f"checkpoint {result.checkpoint}; samples in {result.run_dir / 'samples'}")
+              f"checkpoint {result.checkpoint}" + (f"; samples in {pictures}" if pictures.is_dir() else ""))
     return 0
 
 
@@ -197,6 +198,11 @@ def _sample(args: argparse.Namespace) -> int:
         raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
     if run.kind == "points" and trajectory is not None and trajectory.suffix.lower() != ".png":
         raise UsageError(f"--trajectory {trajectory}: the trajectory of points is a .png of six scatter panels")
+    if run.kind == "points" and run.sample_shape[0] == 1:  # no scatter for one coordinate: numbers only
+        if trajectory is not None or (args.out is not None and out.suffix.lower() != ".npz"):
+            raise UsageError("this run's points have one coordinate, which makes no picture; use --out x.npz")
+        if args.out is None:
+            out = _fresh_path(out.with_name(f"sample-{args.seed}.npz"))
     sampler = args.sampler or run.config.sample.sampler
     steps = args.steps if args.steps is not None else run.default_steps(sampler)
     if steps is not None and steps > run.schedule.num_steps:

@@ -719,6 +719,8 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
                  path: Path) -> None:
     """A grid of EMA samples (images) or a scatter of samples beside data (points; of their first two
     coordinates when there are more), from fixed noise. One-dimensional points get no picture."""
+    if dataset.kind == "points" and dataset.sample_shape[0] < 2:
+        return
     s = config.sample
     generator = torch.Generator(schedule.device).manual_seed(config.train.seed + 4)
     shape = (s.num_samples, *dataset.sample_shape)
@@ -728,7 +730,7 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
     path.parent.mkdir(parents=True, exist_ok=True)
     if dataset.kind == "image":
         save_grid(x.clamp(-1, 1).cpu(), path)
-    elif dataset.sample_shape[0] >= 2:
+    else:
         dims = "" if dataset.sample_shape[0] == 2 else f" (coordinates 0, 1 of {dataset.sample_shape[0]})"
         scatter_png([dataset.data[: s.num_samples, :2].cpu(), x[:, :2].cpu()], path,
                     titles=["data" + dims, path.stem.replace("_", " ") + dims])
