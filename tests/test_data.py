@@ -26,7 +26,7 @@ from PIL import Image
 
 import ddpm.data.download as download
 from ddpm.data import (
-    DATASETS, ChecksumError, DataError, RestrictedUnpickler, convert_channels, default_cache_dir,
+    DATASETS, ChecksumError, DataError, DownloadError, RestrictedUnpickler, convert_channels, default_cache_dir,
     download_file, eight_gaussians_centres, list_datasets, load_array, load_cifar10, load_dataset,
     load_image_folder, load_mnist, make_8gaussians, make_checkerboard, make_gradients, make_moons,
     make_square, make_swissroll, md5_of, nearest_gradient_distance, random_hflip, read_idx,
@@ -363,6 +363,11 @@ def test_download_writes_only_verified_files(tmp_path, monkeypatch):
     with pytest.raises(ChecksumError, match="checksum mismatch for https://up.example/file.gz"):
         download_file(["https://up.example/file.gz"], target, "0" * 32)
     assert list(target.parent.iterdir()) == []  # neither the file nor a temporary one is left
+    # A cache folder that cannot be written is said to be that, before any mirror is asked.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DownloadError, match="cannot write the download to .*a-file.*DDPM_DATA"):
+        download_file(["https://up.example/file.gz"], tmp_path / "a-file" / "file.gz", good)
+    assert len(calls) == 3
 
 
 def test_resolve_finds_local_and_cached_files(tmp_path):

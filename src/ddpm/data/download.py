@@ -81,9 +81,15 @@ def download_file(urls: Sequence[str], target: str | Path, md5: str) -> Path:
     served right ones, DownloadError when none could be reached.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if not urls:
         raise ValueError("download_file needs at least one URL")
+    try:  # before any mirror is tried, so that a folder we cannot write is not blamed on the mirrors
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as err:
+        raise DownloadError(f"cannot write the download to {target.parent} ({err.strerror or err}); set "
+                            f"DDPM_DATA to a folder you can write, or give the data's folder (--data-dir)") from None
     errors: list[str] = []
     mismatch: ChecksumError | None = None
     for url in urls:
