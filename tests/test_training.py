@@ -183,6 +183,13 @@ def test_load_gives_the_trained_weights_and_samples(tiny_run):
     assert torch.equal(x, run.sample(3, sampler="ddim", steps=5)), "same seed, same samples"
     assert torch.equal(run.sample(5, sampler="ddim", steps=5, batch_size=2)[:2],
                        run.sample(2, sampler="ddim", steps=5)), "deterministic DDIM: batching changes nothing"
+    assert torch.equal(run.sample(np.int64(2), sampler="ddim", steps=5, batch_size=np.int32(2)),
+                       run.sample(2, sampler="ddim", steps=5)), "numpy integers are counts too"
+    for bad, message in (({"n": True}, "n = True"), ({"n": 2, "batch_size": True}, "batch_size = True"),
+                         ({"n": 2, "seed": 2**70}, "seed = 1180591620717411303424"),
+                         ({"n": 2, "seed": "a"}, "seed = 'a'")):
+        with pytest.raises(ValueError, match=message):
+            run.sample(**bad)
     from safetensors.torch import load_file
     saved = load_file(tiny_run / "checkpoints" / "step_0000012" / "ema.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in run.ema_model.state_dict().items())

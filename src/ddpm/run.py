@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm import checkpoint as ckpt
-from ddpm.config import Config, config_from_dict
+from ddpm.config import SEED_LIMIT, Config, config_from_dict
 from ddpm.models import build_model_from_dict, use_channels_last
 from ddpm.sampling import SamplerStep, sample
 from ddpm.schedule import NoiseSchedule
@@ -48,18 +49,17 @@ class Run:
         clip applies to images only (points have no bounded range). cuda_graph: as in ``ddpm.sample``
         (default: replay each step as a CUDA graph on a CUDA device).
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n = {n!r} is not allowed; ask for at least 1 sample")
+        n = _count("n", n, "ask for at least 1 sample")
         s = self.config.sample
         sampler = s.sampler if sampler is None else sampler
         steps = self.default_steps(sampler) if steps is None else steps
         eta = (s.eta if sampler == s.sampler else 0.0) if eta is None else eta  # the run's eta is its DDIM's
         clip = (s.clip if clip is None else clip) and self.kind == "image"
-        batch_size = n if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size = {batch_size!r} is not allowed; it must be at least 1")
+        batch_size = n if batch_size is None else _count("batch_size", batch_size, "it must be at least 1")
         if generator is None:
-            generator = torch.Generator(self.schedule.device).manual_seed(seed)
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not abs(seed) < SEED_LIMIT:
+                raise ValueError(f"seed = {seed!r} is not allowed; give an integer between -2**62 and 2**62")
+            generator = torch.Generator(self.schedule.device).manual_seed(int(seed))
         model = self.ema_model if ema else self.model.eval()
         parts = []
         for start in range(0, n, batch_size):
@@ -109,3 +109,10 @@ def load(path: str | Path, *, device: torch.device | str = "cpu") -> Run:
     run = Run(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
               sample_shape, int(state.get("step", 0)), checkpoint)
     return run.to(device)
+
+
+def _count(name: str, value: Any, allowed: str) -> int:
+    """``value`` as an int when it is a whole number >= 1 (numpy's included), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} = {value!r} is not allowed; {allowed}")
+    return int(value)
