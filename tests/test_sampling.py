@@ -254,6 +254,10 @@ def bad(**kwargs):
     (bad(shape=(0, 2)), "shape must be (B, D) or (B, C, H, W)"),
     (bad(noise=torch.zeros(3, 2)), "noise must have shape (2, 2); got (3, 2)"),
     (lambda s: sample(lambda x, t: x[:, :1], s, (2, 2)), "the model returned shape (2, 1)"),
+    (lambda s: sample(lambda x, t: (x, x), s, (2, 2)), "the model returned a tuple; it must return one tensor"),
+    (bad(shape=3), "shape must be (B, D) or (B, C, H, W) with positive integers; got 3"),
+    (bad(generator=0), "generator must be a torch.Generator or None; got int"),
+    (lambda s: sample(lambda x, t: x, "linear", (2, 2)), "schedule must be a ddpm.NoiseSchedule; got str"),
 ])
 def test_bad_arguments_raise_value_error(schedule, call, message):
     with pytest.raises(ValueError) as err:

@@ -190,6 +190,10 @@ def test_load_gives_the_trained_weights_and_samples(tiny_run):
                          ({"n": 2, "seed": "a"}, "seed = 'a'")):
         with pytest.raises(ValueError, match=message):
             run.sample(**bad)
+    with pytest.raises(ValueError, match="a run is a path to its directory or a checkpoint folder; got int"):
+        ddpm.load(3)
+    with pytest.raises(ValueError, match="device = 'gpu0' is not a device"):
+        ddpm.load(tiny_run, device="gpu0")
     from safetensors.torch import load_file
     saved = load_file(tiny_run / "checkpoints" / "step_0000012" / "ema.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in run.ema_model.state_dict().items())

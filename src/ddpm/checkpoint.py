@@ -255,6 +255,8 @@ def _require_complete(path: Path) -> Path:
 
 def find_run_files(path: str | Path) -> Path:
     """A run directory or one of its checkpoint folders -> the checkpoint folder to load."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"a run is a path to its directory or a checkpoint folder; got {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such run directory or checkpoint: {path}")

@@ -346,7 +346,8 @@ def _eval(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, seed=args.seed, variance=args.variance, data_dir=args.data_dir,
                           inception_weights=args.inception_weights, progress=not args.quiet)
     report = evaluate_run(run, metrics, options)
-    out = Path(args.json) if args.json else _fresh_path(run.checkpoint.resolve().parent.parent / "eval" / f"step_{run.step:07d}.json")
+    run_dir = run.checkpoint.resolve().parent.parent
+    out = Path(args.json) if args.json else _fresh_path(run_dir / "eval" / f"step_{run.step:07d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step,
                      "options": {k: v for k, v in vars(options).items() if k != "progress"}, "metrics": report})

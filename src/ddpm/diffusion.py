@@ -8,7 +8,7 @@ arguments; none of them owns either.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple, get_args
+from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -126,6 +126,16 @@ class Denoised(NamedTuple):
     pred_eps: Tensor
 
 
+def _check_output(output: Any, x_t: Tensor) -> None:
+    """A model maps (x_t, t) to one tensor of x_t's shape."""
+    if not isinstance(output, Tensor):
+        raise ValueError(f"the model returned a {type(output).__name__}; it must return one tensor of the shape "
+                         f"of x_t {tuple(x_t.shape)} (wrap a model that returns more, e.g. lambda x, t: net(x, t)[0])")
+    if output.shape != x_t.shape:
+        raise ValueError(f"the model returned shape {tuple(output.shape)}; it must return the shape "
+                         f"of x_t {tuple(x_t.shape)}")
+
+
 def denoise(schedule: NoiseSchedule, model_output: Tensor, x_t: Tensor, t: Tensor,
             prediction: Prediction = "eps", clip_denoised: bool = False) -> Denoised:
     """Turn a model output into (x0, eps) predictions.
@@ -133,9 +143,7 @@ def denoise(schedule: NoiseSchedule, model_output: Tensor, x_t: Tensor, t: Tenso
     With ``clip_denoised`` x0 is clipped to the data range [-1, 1] and eps is recomputed from the
     clipped x0, so that any sampler built on (x0, eps) stays consistent with x_t.
     """
-    if model_output.shape != x_t.shape:
-        raise ValueError(f"the model returned shape {tuple(model_output.shape)}; it must return the "
-                         f"shape of x_t {tuple(x_t.shape)}")
+    _check_output(model_output, x_t)
     if prediction == "eps":
         pred_x0 = predict_x0_from_eps(schedule, x_t, t, model_output)
         pred_eps = model_output
@@ -235,9 +243,7 @@ def per_example_loss(model: Model, schedule: NoiseSchedule, x0: Tensor, t: Tenso
     them itself, and checking t's values would make every step wait for the device."""
     x_t = _q_sample(schedule, x0, t, noise)
     output = model(x_t, t)
-    if output.shape != x0.shape:
-        raise ValueError(f"the model returned shape {tuple(output.shape)}; it must return the shape "
-                         f"of x_t {tuple(x0.shape)}")
+    _check_output(output, x_t)
     target = training_target(schedule, x0, t, noise, prediction)
     per_example = (output.float() - target.float()).square().flatten(1).mean(dim=1)
     weights = loss_weights(schedule, t, prediction, weighting)

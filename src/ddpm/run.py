@@ -85,8 +85,10 @@ class Run:
 def load(path: str | Path, *, device: torch.device | str = "cpu") -> Run:
     """Load a run directory (its latest checkpoint) or one checkpoint folder. Reads only JSON and
     safetensors: nothing pickled is ever executed."""
-    from ddpm.training import build_schedule  # training imports heavy things only it needs
+    from ddpm.training import build_schedule, resolve_device  # training imports heavy things only it needs
 
+    if not isinstance(device, torch.device):
+        device = resolve_device(device, setting="device")
     checkpoint = ckpt.find_run_files(path)
     metadata = ckpt.read_json(checkpoint / "config.json", "the checkpoint's config.json")
     try:

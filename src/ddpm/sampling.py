@@ -106,6 +106,9 @@ def ddim_step(pred_x0: Tensor, pred_eps: Tensor, alpha_bar_prev: Tensor, sigma: 
 
 def _check_options(schedule: NoiseSchedule, sampler: str, eta: float, variance: str,
                    prediction: str) -> None:
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a ddpm.NoiseSchedule; got {type(schedule).__name__} "
+                         f"(e.g. NoiseSchedule('linear', 1000))")
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("variance", variance, VARIANCES)
     check_choice("prediction", prediction, PREDICTIONS)
@@ -118,7 +121,10 @@ def _check_options(schedule: NoiseSchedule, sampler: str, eta: float, variance: 
 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    shape = tuple(shape)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be (B, D) or (B, C, H, W) with positive integers; got {shape!r}") from None
     if len(shape) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
         raise ValueError(f"shape must be (B, D) or (B, C, H, W) with positive integers; got {shape}")
     return shape
@@ -158,6 +164,9 @@ def sample(
       without a graph (what the CPU tests check); False never.
     """
     _check_options(schedule, sampler, eta, variance, prediction)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None; got {type(generator).__name__} "
+                         f"(for a seed, pass torch.Generator(device).manual_seed(seed))")
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True, False or None; got {cuda_graph!r}")
     # Inference mode: no autograd bookkeeping at all. The result is cloned outside it, so the caller

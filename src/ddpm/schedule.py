@@ -82,8 +82,8 @@ class NoiseSchedule:
     """The forward-process variances beta_t and every table derived from them.
 
     ``NoiseSchedule("linear", 1000)`` is the paper's schedule; ``NoiseSchedule(betas=...)`` takes
-    explicit betas (then ``kind`` is "custom"). All tables have shape (T,) and are indexed by
-    t in {0, ..., T-1}; use ``extract`` to broadcast them against a batch.
+    explicit betas (then ``kind`` is "custom", and kind and num_steps are left out). All tables have
+    shape (T,) and are indexed by t in {0, ..., T-1}; use ``extract`` to broadcast them against a batch.
 
     Attributes (float32 tensors of shape (T,)):
         betas, alphas (1 - beta), alphas_cumprod (alpha_bar_t), alphas_cumprod_prev (alpha_bar_{t-1},
@@ -102,8 +102,8 @@ class NoiseSchedule:
 
     def __init__(
         self,
-        kind: ScheduleKind = "linear",
-        num_steps: int = 1000,
+        kind: ScheduleKind | None = None,
+        num_steps: int | None = None,
         *,
         betas: Tensor | list[float] | None = None,
         beta_start: float = 1e-4,
@@ -112,12 +112,18 @@ class NoiseSchedule:
         max_beta: float = 0.999,
     ) -> None:
         if betas is not None:
-            betas64 = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+            betas64 = torch.as_tensor(betas, dtype=torch.float64).cpu()
+            if betas64.dim() != 1 or betas64.numel() < 1:
+                raise ValueError(f"explicit betas must be a 1-D sequence of at least one value (one per step); "
+                                 f"got shape {tuple(betas64.shape)}")
+            if kind not in (None, "custom") or num_steps not in (None, betas64.numel()):
+                raise ValueError(f"betas= gives the schedule itself: leave out kind and num_steps (got "
+                                 f"kind={kind!r}, num_steps={num_steps!r} with {betas64.numel()} betas)")
             kind = "custom"
             num_steps = betas64.numel()
-            if num_steps < 1:
-                raise ValueError("explicit betas must hold at least one value; got an empty sequence")
         else:
+            kind = "linear" if kind is None else kind
+            num_steps = 1000 if num_steps is None else num_steps
             if kind not in SCHEDULE_KINDS:
                 raise ValueError(f"unknown schedule kind {kind!r}; allowed: {', '.join(SCHEDULE_KINDS)} "
                                  "(or pass betas=...)")

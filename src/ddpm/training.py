@@ -331,7 +331,8 @@ class Metrics:
         if config.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step if resumed else None)
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"),
+                                                 purge_step=resume_step if resumed else None)
             except ImportError:
                 notes.append("TensorBoard logging skipped: the tensorboard package is not installed "
                              "(pip install tensorboard); metrics are in metrics.jsonl")
