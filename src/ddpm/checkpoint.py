@@ -238,7 +238,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if not pointer.exists():
-        complete = [p for p in list_checkpoints(run_dir) if all((p / f).is_file() for f in CHECKPOINT_FILES)]
+        complete = [p for p in list_checkpoints(run_dir) if not _missing_files(p)]
         return complete[-1] if complete else None
     name = pointer.read_text(encoding="utf-8").strip()
     if not _STEP_DIR.match(name):
@@ -246,8 +246,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return _require_complete(root / name)
 
 
+def _missing_files(checkpoint: Path) -> list[str]:
+    return [f for f in CHECKPOINT_FILES if not (checkpoint / f).is_file()]
+
+
 def _require_complete(path: Path) -> Path:
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    missing = _missing_files(path)
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: {', '.join(missing)} missing")
     return path

@@ -122,12 +122,12 @@ def _check_options(schedule: NoiseSchedule, sampler: str, eta: float, variance: 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     try:
-        shape = tuple(shape)
-    except TypeError:
-        raise ValueError(f"shape must be (B, D) or (B, C, H, W) with positive integers; got {shape!r}") from None
-    if len(shape) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
-        raise ValueError(f"shape must be (B, D) or (B, C, H, W) with positive integers; got {shape}")
-    return shape
+        dims = tuple(shape)
+    except TypeError:  # e.g. a bare int
+        dims = ()
+    if len(dims) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in dims):
+        raise ValueError(f"shape must be (B, D) or (B, C, H, W) with positive integers; got {shape!r}")
+    return dims
 
 
 def sample(
