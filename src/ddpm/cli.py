@@ -159,15 +159,16 @@ def _positive_int(flag: str):
 
 
 def _seed(text: str) -> int:
-    from ddpm.config import SEED_LIMIT
+    from ddpm.config import check_seed
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not abs(value) < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is out of range; a seed lies between -2**62 and 2**62")
-    return value
+    try:
+        return check_seed(value, "--seed")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 _TRAJECTORY_IMAGES = 8  # rows of a trajectory picture (images); point clouds keep every point

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import tomllib
 import types
 import typing
@@ -26,7 +27,7 @@ from typing import Any, Literal
 __all__ = [
     "Config", "ModelConfig", "DiffusionConfig", "DataConfig", "TrainConfig", "SampleConfig",
     "TRAINING_PRESETS", "DEFAULT_PRESET", "build_config", "config_to_dict", "config_from_dict",
-    "read_config_file", "flag_fields", "FlagField",
+    "read_config_file", "flag_fields", "FlagField", "check_seed", "SEED_LIMIT",
 ]
 
 
@@ -182,6 +183,16 @@ TRAINING_PRESETS: dict[str, _Preset] = {
 DEFAULT_PRESET = "square-fast"
 # torch's generators take 64-bit seeds, and a run derives seeds + 1, + 2 (and the test split's) from its own.
 SEED_LIMIT = 2**62
+
+
+def check_seed(value: Any, name: str) -> int:
+    """``value`` as an int seed torch can take with room for the seeds derived from it, else a
+    ValueError that names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} = {value!r} is not an integer")
+    if not abs(value) < SEED_LIMIT:
+        raise ValueError(f"{name} = {value!r} is out of range; a seed lies between -2**62 and 2**62")
+    return int(value)
 
 
 def build_config(preset: str = DEFAULT_PRESET, *layers: Mapping[str, Any]) -> Config:
@@ -342,8 +353,7 @@ def _check_values(config: Config) -> None:
             raise ValueError(f"{name} = {value} is not allowed; it must be 0 or more")
     if t.batch_size % t.grad_accum:
         raise ValueError(f"train.batch_size = {t.batch_size} must be divisible by train.grad_accum = {t.grad_accum}")
-    if not abs(t.seed) < SEED_LIMIT:
-        raise ValueError(f"train.seed = {t.seed} is out of range; a seed lies between -2**62 and 2**62")
+    check_seed(t.seed, "train.seed")
     if not (t.lr > 0 and math.isfinite(t.lr)):
         raise ValueError(f"train.lr = {t.lr} is not allowed; it must be a positive number")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm import checkpoint as ckpt
-from ddpm.config import SEED_LIMIT, Config, config_from_dict
+from ddpm.config import Config, check_seed, config_from_dict
 from ddpm.models import build_model_from_dict, use_channels_last
 from ddpm.sampling import SamplerStep, sample
 from ddpm.schedule import NoiseSchedule
@@ -57,9 +57,7 @@ class Run:
         clip = (s.clip if clip is None else clip) and self.kind == "image"
         batch_size = n if batch_size is None else _count("batch_size", batch_size, "it must be at least 1")
         if generator is None:
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not abs(seed) < SEED_LIMIT:
-                raise ValueError(f"seed = {seed!r} is not allowed; give an integer between -2**62 and 2**62")
-            generator = torch.Generator(self.schedule.device).manual_seed(int(seed))
+            generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
         model = self.ema_model if ema else self.model.eval()
         parts = []
         for start in range(0, n, batch_size):
