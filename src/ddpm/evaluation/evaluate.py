@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ddpm.data import DataError, load_dataset
-from ddpm.data.registry import DATASETS, Dataset
+from ddpm.data.registry import DATASETS, Dataset, is_generated
 from ddpm.diffusion import variational_bound
 from ddpm.evaluation.metrics import energy_distance, feature_statistics, frechet_distance, square_error
 from ddpm.run import Run
@@ -121,7 +121,7 @@ class _Evaluation:
         d = self.run.config.data
         seed = self.options.seed + 1
         common = dict(image_size=d.image_size, channels=d.channels, data_dir=self.data_dir)
-        generated = d.source in DATASETS and d.source not in ("mnist", "cifar10")
+        generated = is_generated(d.source)
         try:
             data = load_dataset(d.source, split="test", n=n if generated else None, seed=seed, **common)
         except DataError as error:
