@@ -282,7 +282,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
 
 def _start_run_dir(run_dir: Path, metadata: dict[str, Any], *, overwrite: bool) -> None:
     """Write a new run's config.json, replacing the run prepare_run_dir let ``overwrite`` replace."""
-    if overwrite and run_dir.is_dir() and (run_dir / "config.json").is_file():
+    if overwrite and (run_dir / "config.json").is_file():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(run_dir / "config.json", metadata)
@@ -523,6 +523,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
         log(note)
     shared_model = world.wrap(run.model, device)  # sums gradients over the processes in backward
     train_model = torch.compile(shared_model) if t_cfg.compile else shared_model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
     window = _Window(device)
     bar = tqdm(total=t_cfg.steps, initial=step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -543,7 +544,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
         with _StopSignals(world) as stop:
             run.model.train()
             while step < t_cfg.steps:
-                losses, t, grad_norm = _step(run, step, shared_model, train_model, world)
+                losses, t, grad_norm = _step(run, step, shared_model, train_model, autocast, world)
                 step += 1
                 # No host sync in a step: the loss stays on the device and is checked for nan/inf
                 # before anything is logged, sampled or saved.
@@ -583,7 +584,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     return TrainResult(run_dir, step, last_checkpoint, window.last_loss, time.perf_counter() - started)
 
 
-def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Module,
+def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Module, autocast: torch.autocast,
           world: distributed.World) -> tuple[Tensor, Tensor, Tensor | None]:
     """Training step ``step`` (Algorithm 1) on this process's slice of the global batch, in
     train.grad_accum micro-batches, then the EMA update. Returns the slice's per-example losses
@@ -596,7 +597,6 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = learning_rate(config, step)
     micro = t_cfg.batch_size // (world.size * t_cfg.grad_accum)
-    autocast = torch.autocast(run.data.device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
     per_example = []
     for i in range(t_cfg.grad_accum):
         part = slice(i * micro, (i + 1) * micro)
