@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -110,6 +107,88 @@ def test_overrides_accept_json_lists_and_store_tuples():
     config = preset_config("unet", channel_mult=[1, 2], attention_resolutions=[14], dropout=0)
     assert config.channel_mult == (1, 2) and config.attention_resolutions == (14,)
     assert isinstance(config.dropout, float)
+    assert preset_config("unet", attention_levels=[0, 2]).attention_levels == (0, 2)
+
+
+def test_attention_goes_where_a_level_or_its_resolution_is_listed():
+    config = preset_config("unet", attention_levels=(0,), attention_resolutions=(7,))  # 28, 14, 7
+    assert [config.attention_at(level) for level in range(3)] == [True, False, True]
+    # Overriding either field replaces the preset's placement: unet-mnist's level 2 is gone here.
+    assert preset_config("unet-mnist", attention_resolutions=(14,)).attention_levels == ()
+    assert preset_config("unet-mnist", attention_levels=(1,)).attention_levels == (1,)
+    assert preset_config("unet-mnist", image_size=16).attention_levels == (2,)
+
+
+# Where the U-Net presets had attention before it was stated by level: pixels at their native size.
+ATTENTION_IN_PIXELS = {"unet": (14,), "unet-cifar10": (16,), "unet-mnist": (7,)}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_IN_PIXELS))
+def test_presets_by_level_build_the_network_they_built_in_pixels(name):
+    # Same seed, same weights key for key, same outputs: checkpoints of these presets still load.
+    before = build_model(name, seed=0, attention_levels=(), attention_resolutions=ATTENTION_IN_PIXELS[name])
+    now = build_model(name, seed=0)
+    assert now.config.attention_resolutions == ()
+    assert list(now.state_dict()) == list(before.state_dict())
+    for key, value in now.state_dict().items():
+        assert torch.equal(value, before.state_dict()[key]), key
+    assert sum(p.numel() for p in now.parameters()) == PARAMETER_COUNTS[name]
+    x, t = make_inputs((now.config.in_channels, now.config.image_size, now.config.image_size), batch=1)
+    with torch.no_grad():
+        assert torch.equal(randomize_(now).eval()(x, t), randomize_(before).eval()(x, t))
+
+
+@pytest.mark.parametrize("name, attention_resolutions", [
+    *ATTENTION_IN_PIXELS.items(),
+    ("unet-mnist", (14,)),  # a run that moved the attention (benchmarks/compare_diffusers.py does)
+    ("unet-cifar10", ()),  # a run without attention outside the middle
+])
+def test_config_dicts_written_before_attention_levels_rebuild_the_same_network(name, attention_resolutions):
+    # config.json files from before attention_levels existed hold attention_resolutions and no
+    # attention_levels; they must give the network they were trained with, attention where they say only.
+    old = model_config_dict(build_model(name, device="meta"))
+    del old["attention_levels"]
+    old["attention_resolutions"] = list(attention_resolutions)
+    rebuilt = build_model_from_dict(old, device="meta")
+    trained = build_model(name, device="meta", attention_levels=(), attention_resolutions=attention_resolutions)
+
+    def shapes(model):
+        return [(key, value.shape) for key, value in model.state_dict().items()]
+
+    assert shapes(rebuilt) == shapes(trained)
+
+
+# Square sizes each U-Net preset's levels divide (4 for three levels, 8 for unet-cifar10's four), and one
+# they do not: a preset is a shape of network, not a size.
+ANY_SIZE = {
+    "unet": ([8, 16, 28, 48], 30),
+    "unet-mnist": ([8, 16, 28, 48], 18),
+    "unet-small": ([8, 16, 28, 48], 10),
+    "unet-cifar10": ([8, 16, 32, 48], 28),
+}
+
+
+@pytest.mark.parametrize("name, size", [(name, size) for name, (sizes, _) in ANY_SIZE.items() for size in sizes])
+def test_unet_presets_build_and_run_at_any_size_their_levels_divide(name, size):
+    model = build_model(name, seed=0, image_size=size).eval()
+    # Attention is by level, so the network (its weights' names and shapes) is the same at every size.
+    native = build_model(name, device="meta")
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == [
+        (k, v.shape) for k, v in native.state_dict().items()]
+    x, t = make_inputs((model.config.in_channels, size, size), batch=1)
+    with torch.no_grad():
+        out = randomize_(model)(x, t)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(ANY_SIZE))
+def test_unet_presets_refuse_a_size_their_levels_do_not_divide_in_one_line(name):
+    size = ANY_SIZE[name][1]
+    factor = 8 if name == "unet-cifar10" else 4
+    with pytest.raises(ValueError) as info:
+        build_model(name, device="meta", image_size=size)
+    message = str(info.value)
+    assert f"image_size={size} must be divisible by {factor}" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("preset, overrides, expected", [
@@ -121,21 +200,24 @@ def test_overrides_accept_json_lists_and_store_tuples():
     ("unet-small", {"image_size": 10}, ["image_size=10", "divisible by 4"]),
     ("unet", {"attention_resolutions": (16,)}, ["16 is never reached", "28, 14, 7"]),
     ("unet-cifar10", {"attention_resolutions": (16, 3)}, ["3 is never reached", "32, 16, 8, 4"]),
+    ("unet", {"attention_levels": (1, 3)}, ["attention_levels=(1, 3)", "3 is not a level", "0 to 2"]),
+    ("unet-mnist", {"attention_levels": (-1,)}, ["attention_levels=(-1,)", "-1 is not a level", "0 to 2"]),
+    ("unet-cifar10", {"attention_levels": (4,)}, ["4 is not a level", "4 levels, numbered 0 to 3"]),
     ("unet", {"ch": 48}, ["num_groups=32", "48, 96"]),
     ("unet-mnist", {"ch": 36}, ["num_groups=8", "36, 72"]),
-    ("unet", {"ch": 0}, ["ch must be positive", "got 0"]),
-    ("unet", {"channel_mult": (1, 0)}, ["channel_mult must be positive"]),
+    ("unet", {"ch": 0}, ["ch = 0 is not allowed", "at least 1"]),
+    ("unet", {"channel_mult": (1, 0)}, ["channel_mult = (1, 0) is not allowed", "at least 1"]),
     ("unet", {"channel_mult": ()}, ["channel_mult must list at least one level"]),
-    ("unet", {"num_res_blocks": 0}, ["num_res_blocks must be positive"]),
-    ("unet", {"dropout": 1.5}, ["dropout must be in [0, 1)", "1.5"]),
-    ("unet", {"ch": "64"}, ["ch must be an integer", "'64'"]),
-    ("unet", {"ch": True}, ["ch must be an integer"]),
-    ("unet", {"out_channels": -3}, ["out_channels must be positive"]),
+    ("unet", {"num_res_blocks": 0}, ["num_res_blocks = 0 is not allowed"]),
+    ("unet", {"dropout": 1.5}, ["dropout = 1.5 is not allowed; it must be in [0, 1)"]),
+    ("unet", {"ch": "64"}, ["ch = '64' is not allowed", "expected an integer"]),
+    ("unet", {"ch": True}, ["ch = True is not allowed", "expected an integer"]),
+    ("unet", {"out_channels": -3}, ["out_channels = -3 is not allowed", "at least 1"]),
     ("unet-small", {"channels": (16,)}, ["at least 2 levels"]),
-    ("unet-small", {"num_steps": 0}, ["num_steps must be positive"]),
-    ("mlp-toy", {"image_size": -1}, ["image_size must be positive"]),
-    ("mlp-2d", {"norm": "batch"}, ["norm='batch'", "'layer'", "'none'"]),
-    ("mlp-2d", {"hidden_dim": 0}, ["hidden_dim must be positive"]),
+    ("unet-small", {"num_steps": 0}, ["num_steps = 0 is not allowed"]),
+    ("mlp-toy", {"image_size": -1}, ["image_size = -1 is not allowed"]),
+    ("mlp-2d", {"norm": "batch"}, ["norm = 'batch' is not allowed", "layer", "none"]),
+    ("mlp-2d", {"hidden_dim": 0}, ["hidden_dim = 0 is not allowed"]),
 ])
 def test_bad_overrides_raise_value_error_saying_what_and_what_is_allowed(preset, overrides, expected):
     with pytest.raises(ValueError) as info:
@@ -325,7 +407,7 @@ OVERFIT = {  # name -> (extra overrides, learning rate, steps)
     "mlp-2d": ({}, 3e-3, 200),
     "unet-small": ({}, 1e-2, 200),
     "unet": ({"dropout": 0.0}, 3e-3, 100),
-    "unet-mnist": ({"dropout": 0.0, "image_size": 8, "attention_resolutions": (2,)}, 2e-3, 80),
+    "unet-mnist": ({"dropout": 0.0, "image_size": 8}, 2e-3, 80),  # attention at level 2: 2x2
 }
 
 
@@ -444,73 +526,3 @@ def test_every_residual_block_gets_its_own_timestep_projection():
             torch.testing.assert_close(received[block], block.temb_proj(temb), rtol=1e-12, atol=1e-12)
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch.set_num_threads(n) inside the block, the caller's setting restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("threads", [2, 4])
-def test_uniform_like_draws_independent_uniforms_on_every_thread(threads):
-    from ddpm.models.unet import uniform_like
-
-    with torch_threads(threads):
-        x = torch.empty(4, 16, 64, 64).contiguous(memory_format=torch.channels_last)  # 2**18 elements
-        torch.manual_seed(3)
-        u = uniform_like(x)
-        torch.manual_seed(3)
-        assert torch.equal(uniform_like(x), u), "the global seed decides every draw"
-    assert u.shape == x.shape and u.is_contiguous(memory_format=torch.channels_last)
-    assert 0 <= u.min() and u.max() < 1
-    # Each thread's slice, in memory order, is U[0, 1): Kolmogorov-Smirnov distance below the 0.1%
-    # critical value 1.95 / sqrt(m), and neighbouring slices are uncorrelated (|r| < 5 / sqrt(m)).
-    slices = u.permute(0, 2, 3, 1).reshape(-1).tensor_split(threads)
-    for part in slices:
-        m = part.numel()
-        ks = (part.sort().values - torch.arange(1, m + 1) / m).abs().max().item()
-        assert ks < 1.95 / math.sqrt(m)
-    for a, b in zip(slices, slices[1:]):
-        n = min(a.numel(), b.numel())
-        r = torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1].item()
-        assert abs(r) < 5 / math.sqrt(n)
-
-
-def _draw_in_child() -> None:
-    from ddpm.models.unet import uniform_like
-
-    # Only single-threaded work here: after a fork, an OpenMP parallel region (a reduction such as
-    # u.min()) can hang in the child whatever this code does, if the parent had run one.
-    u = uniform_like(torch.empty(2**17))
-    raise SystemExit(0 if all(0 <= v < 1 for v in u[::997].tolist()) else 1)
-
-
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
-def test_uniform_like_stays_in_one_compiled_graph():
-    # The thread pool cannot be traced: inside torch.compile the draw is torch.rand_like, so a model
-    # with dropout compiles to one graph (fullgraph=True fails on any break).
-    from ddpm.models.unet import uniform_like
-
-    with torch_threads(2):
-        draw = torch.compile(lambda x: uniform_like(x) * 2.0, fullgraph=True, backend="eager")
-        u = draw(torch.empty(2**17))
-    assert u.dtype == torch.float32 and u.shape == (2**17,) and 0.0 <= u.min() and u.max() < 2.0
-
-
-def test_uniform_like_works_in_a_forked_child():
-    # The parent's pool of drawing threads does not survive a fork; the child must not wait on it.
-    from ddpm.models.unet import uniform_like
-
-    with torch_threads(2):
-        uniform_like(torch.empty(2**17))  # the parent's pool exists now
-        child = multiprocessing.get_context("fork").Process(target=_draw_in_child)
-        child.start()
-        child.join(60)
-        if child.is_alive():
-            child.kill()
-            child.join()
-    assert child.exitcode == 0, f"the child hung or failed drawing random numbers (exit code {child.exitcode})"

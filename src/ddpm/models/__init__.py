@@ -61,19 +61,27 @@ _PRESETS: dict[str, _Preset] = {
         "the tutorials' small U-Net: conv blocks 16/32/64, max-pool, transposed convs, learned t table (0.14M)",
         SmallUNetConfig, {}),
     "unet": _Preset(
-        "the DDPM paper's U-Net at a mid size: 1x28x28, ch 64, mult (1,2,2), 2 blocks, attention at 14 (6.5M)",
+        "the DDPM paper's U-Net at a mid size: 1x28x28, ch 64, mult (1,2,2), 2 blocks, attention at 1/2 "
+        "resolution (6.5M)",
         UNetConfig, {}),
     "unet-cifar10": _Preset(
-        "the paper's CIFAR-10 U-Net: 3x32x32, ch 128, mult (1,2,2,2), 2 blocks, attention at 16 (35.7M)",
+        "the paper's CIFAR-10 U-Net: 3x32x32, ch 128, mult (1,2,2,2), 2 blocks, attention at 1/2 resolution (35.7M)",
         UNetConfig,
         dict(in_channels=3, image_size=32, ch=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-             attention_resolutions=(16,), dropout=0.1, num_groups=32)),
+             attention_levels=(1,), dropout=0.1, num_groups=32)),
     "unet-mnist": _Preset(
-        "small paper-style U-Net for 1x28x28 on a CPU: ch 32, mult (1,2,2), 1 block, attention at 7 (1.1M)",
+        "small paper-style U-Net for 1x28x28 on a CPU: ch 32, mult (1,2,2), 1 block, attention at 1/4 resolution "
+        "(1.1M)",
         UNetConfig,
         dict(in_channels=1, image_size=28, ch=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-             attention_resolutions=(7,), dropout=0.1, num_groups=8)),
+             attention_levels=(2,), dropout=0.1, num_groups=8)),
 }
+
+# Where a U-Net puts attention is one choice, stated by level or in pixels: an override of either field
+# replaces the preset's choice rather than adding to it, so {"attention_resolutions": [14]} means attention
+# at 14 only. That is also what config.json files written before attention_levels existed say (they hold
+# attention_resolutions alone), and they must rebuild the network they were trained with.
+_ATTENTION_FIELDS = frozenset({"attention_levels", "attention_resolutions"})
 
 PRESETS: Mapping[str, str] = MappingProxyType({name: p.description for name, p in sorted(_PRESETS.items())})
 """Preset name -> one-line description (read-only)."""
@@ -82,8 +90,9 @@ PRESETS: Mapping[str, str] = MappingProxyType({name: p.description for name, p i
 def preset_config(preset: str, **overrides: Any) -> ModelConfig:
     """The validated config of ``preset`` with ``overrides`` applied; no model is built.
 
-    Raises ValueError for an unknown preset, an unknown override or a bad value, saying what was
-    given and what is allowed.
+    A U-Net override of attention_levels or attention_resolutions replaces the preset's attention
+    placement (the other field starts empty; see _ATTENTION_FIELDS). Raises ValueError for an
+    unknown preset, an unknown override or a bad value, saying what was given and what is allowed.
     """
     if preset not in _PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
@@ -93,8 +102,11 @@ def preset_config(preset: str, **overrides: Any) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                          f"for preset {preset!r}; allowed: {', '.join(allowed)}")
+    defaults = dict(spec.defaults)
+    if spec.config_class is UNetConfig and not _ATTENTION_FIELDS.isdisjoint(overrides):
+        defaults.update(attention_levels=(), attention_resolutions=())
     try:
-        return spec.config_class(**{**spec.defaults, **overrides})
+        return spec.config_class(**{**defaults, **overrides})
     except ValueError as error:
         raise ValueError(f"preset {preset!r}: {error}") from None
 
@@ -151,7 +163,10 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
 
 def build_model_from_dict(config: Mapping[str, Any], *, seed: int | None = None,
                           device: torch.device | str | None = None) -> nn.Module:
-    """Rebuild a model from ``model_config_dict``'s output (e.g. read back from config.json)."""
+    """Rebuild a model from ``model_config_dict``'s output (e.g. read back from config.json).
+
+    A U-Net dict from before attention_levels existed (attention_resolutions alone) rebuilds the
+    network it described: attention at those resolutions only (see preset_config)."""
     if "preset" not in config:
         raise ValueError(f"a model config dict needs a 'preset' key; got keys: {', '.join(config) or '(none)'}")
     fields = {k: v for k, v in config.items() if k != "preset"}

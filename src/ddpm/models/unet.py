@@ -7,16 +7,15 @@ Both are called as ``model(x_t, t)`` with x_t (B, C, H, W) and t a LongTensor (B
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ddpm.models._checks import check_field_types, check_input_shapes, require_positive
+from ddpm.models._checks import check_input_shapes
 from ddpm.models.embeddings import SinusoidalEmbedding
+from ddpm.validation import check_fields, check_range, require_positive
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,7 +35,7 @@ class SmallUNetConfig:
     num_steps: int = 1000  # T: rows of the timestep-embedding table, one per step
 
     def __post_init__(self) -> None:
-        check_field_types(self)
+        check_fields(self)
         require_positive(self, "in_channels", "image_size", "channels", "embed_dim", "num_steps")
         if self.out_channels is not None:
             require_positive(self, "out_channels")
@@ -121,8 +120,11 @@ class SmallUNet(nn.Module):
 class UNetConfig:
     """The paper's U-Net: a PixelCNN++-like backbone of residual blocks, with self-attention.
 
-    Level i works at resolution image_size / 2**i with ch * channel_mult[i] channels. The defaults
-    are a mid-sized 28x28x1 model; the presets "unet-cifar10" and "unet-mnist" override them.
+    Level i works at resolution image_size / 2**i with ch * channel_mult[i] channels. Attention is
+    placed by level (attention_levels), so one config serves every image_size its levels divide;
+    attention_resolutions names levels by their size in pixels instead, and a level listed in either
+    gets attention (attention_at). The defaults are a mid-sized 28x28x1 model; the presets
+    "unet-cifar10" and "unet-mnist" override them.
     """
 
     in_channels: int = 1  # C of the input images
@@ -131,27 +133,33 @@ class UNetConfig:
     ch: int = 64  # base channel count; also the size of the sinusoidal timestep embedding
     channel_mult: tuple[int, ...] = (1, 2, 2)  # channels of each level as multiples of ch, finest first
     num_res_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
-    attention_resolutions: tuple[int, ...] = (14,)  # resolutions (H of the feature map) with self-attention
+    attention_levels: tuple[int, ...] = (1,)  # indices into channel_mult with self-attention; (1,): at half resolution
+    attention_resolutions: tuple[int, ...] = ()  # the same by feature-map size H in pixels; either one adds attention
     dropout: float = 0.1  # dropout rate inside each residual block, before its second conv
     num_groups: int = 32  # GroupNorm groups; must divide every channel count
     zero_init: bool = True  # zero the last conv of each residual and attention block and the output conv
 
     def __post_init__(self) -> None:
-        check_field_types(self)
+        check_fields(self)
         require_positive(self, "in_channels", "image_size", "ch", "channel_mult", "num_res_blocks", "num_groups")
         if self.out_channels is not None:
             require_positive(self, "out_channels")
         if not self.channel_mult:
             raise ValueError("channel_mult must list at least one level, got ()")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        _check_divisible(self.image_size, len(self.channel_mult), f"channel_mult={self.channel_mult!r}")
+        check_range("dropout", self.dropout, minimum=0.0, below=1.0)
+        num_levels = len(self.channel_mult)
+        _check_divisible(self.image_size, num_levels, f"channel_mult={self.channel_mult!r}")
+        for level in self.attention_levels:
+            if not 0 <= level < num_levels:
+                raise ValueError(
+                    f"attention_levels={self.attention_levels!r}: {level} is not a level; channel_mult="
+                    f"{self.channel_mult!r} gives {num_levels} levels, numbered 0 to {num_levels - 1}")
         resolutions = self.resolutions
         for r in self.attention_resolutions:
             if r not in resolutions:
                 raise ValueError(
                     f"attention_resolutions={self.attention_resolutions!r}: {r} is never reached; with "
-                    f"image_size={self.image_size} and {len(self.channel_mult)} levels this U-Net works at "
+                    f"image_size={self.image_size} and {num_levels} levels this U-Net works at "
                     f"resolutions {', '.join(map(str, resolutions))}")
         channels = sorted({self.ch * m for m in (1, *self.channel_mult)})
         if any(c % self.num_groups for c in channels):
@@ -166,6 +174,11 @@ class UNetConfig:
         """The feature-map size H of each level, finest first: (28, 14, 7) for 28x28 and three levels."""
         return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
 
+    def attention_at(self, level: int) -> bool:
+        """Whether the residual blocks of ``level`` (an index into channel_mult) are followed by
+        self-attention: the level is in attention_levels or its resolution in attention_resolutions."""
+        return level in self.attention_levels or self.resolutions[level] in self.attention_resolutions
+
 
 class Dropout(nn.Module):
     """Dropout (Srivastava et al. 2014): in training, zero each element with probability p and scale
@@ -173,9 +186,10 @@ class Dropout(nn.Module):
 
     The mask is a U[0, 1) draw compared with p (seeded by the global generator, as nn.Dropout),
     which on a CPU costs less than half of the Bernoulli sampler nn.Dropout uses (54 against 129 ms
-    over 3 unet-mnist steps; that sampler took 10% of a step, docs/performance.md), and the draw is
-    spread over the CPU threads (uniform_like). The masks differ from nn.Dropout's, their law does not
-    (tests/test_models.py).
+    over 3 unet-mnist steps; that sampler took 10% of a step, docs/performance.md). The masks differ
+    from nn.Dropout's, their law does not (tests/test_models.py). The draw is float32 whatever x's
+    dtype: PyTorch's bf16 draws (rand_like of a bf16 activation under autocast) are multiples of
+    1/256, so P(u >= 0.1) would be 230/256 = 0.898 instead of 0.9.
     """
 
     def __init__(self, p: float) -> None:
@@ -185,7 +199,7 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = uniform_like(x) >= self.p  # P(keep) = 1 - p exactly: U[0, 1) >= p
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # P(keep) = 1 - p exactly: U[0, 1) >= p
         return x * keep / (1.0 - self.p)
 
     def extra_repr(self) -> str:
@@ -292,16 +306,15 @@ class UNet(nn.Module):
 
     Timestep: a sinusoidal embedding of size ch, then Linear(ch, 4ch), SiLU, Linear(4ch, 4ch); every
     residual block adds its own Linear projection of it. Encoder: a conv3x3 to ch channels, then per
-    level num_res_blocks residual blocks (with attention at the chosen resolutions) and a stride-2
-    conv down, except at the last level. Middle: residual block, attention, residual block. Decoder:
+    level num_res_blocks residual blocks (with attention at the chosen levels) and a stride-2 conv
+    down, except at the last level. Middle: residual block, attention, residual block. Decoder:
     per level num_res_blocks + 1 residual blocks, each taking the concatenation of the previous
     output and one encoder activation (every encoder output is used exactly once, last in first out),
     then nearest 2x + conv3x3 up, except at the finest level. Output: GroupNorm, SiLU, conv3x3.
 
     x_t: (B, in_channels, H, W) with H, W divisible by 2 ** (levels - 1); H, W need not equal
-    image_size (which only decides where attention goes: by level, not by pixel count). t: (B,)
-    integer timesteps (a float t also works, the embedding being sinusoidal). Returns
-    (B, out_channels, H, W), unbounded.
+    image_size (which only turns attention_resolutions into levels). t: (B,) integer timesteps (a
+    float t also works, the embedding being sinusoidal). Returns (B, out_channels, H, W), unbounded.
     """
 
     preset = "unet"
@@ -316,8 +329,8 @@ class UNet(nn.Module):
         def res_block(c_in: int, c_out: int) -> ResidualBlock:
             return ResidualBlock(c_in, c_out, temb_dim, config.num_groups, config.dropout, config.zero_init)
 
-        def attention(c: int, resolution: int) -> nn.Module:
-            if resolution in config.attention_resolutions:
+        def attention(c: int, level: int) -> nn.Module:
+            if config.attention_at(level):
                 return AttentionBlock(c, config.num_groups, config.zero_init)
             return nn.Identity()
 
@@ -330,11 +343,11 @@ class UNet(nn.Module):
         skip_channels = [config.ch]
         c = config.ch
         self.down = nn.ModuleList()
-        for i, (c_out, resolution) in enumerate(zip(level_channels, config.resolutions)):
+        for i, c_out in enumerate(level_channels):
             blocks, attns = [], []
             for _ in range(config.num_res_blocks):
                 blocks.append(res_block(c, c_out))
-                attns.append(attention(c_out, resolution))
+                attns.append(attention(c_out, i))
                 c = c_out
                 skip_channels.append(c)
             downsample = Downsample(c) if i < num_levels - 1 else None
@@ -349,11 +362,11 @@ class UNet(nn.Module):
         # Decoder: one block more per level than the encoder, to use the downsampled activations too.
         self.up = nn.ModuleList()
         for i in reversed(range(num_levels)):
-            c_out, resolution = level_channels[i], config.resolutions[i]
+            c_out = level_channels[i]
             blocks, attns = [], []
             for _ in range(config.num_res_blocks + 1):
                 blocks.append(res_block(c + skip_channels.pop(), c_out))
-                attns.append(attention(c_out, resolution))
+                attns.append(attention(c_out, i))
                 c = c_out
             self.up.append(UNetLevel(blocks, attns, Upsample(c) if i > 0 else None))
         assert not skip_channels, "every encoder activation is used exactly once"
@@ -409,48 +422,6 @@ class UNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-_RNG_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (process id, pool), made on first use
-_MAX_RNG_SLICES = 8
-
-
-def uniform_like(x: Tensor) -> Tensor:
-    """float32 U[0, 1) draws shaped and laid out like x, drawn on several CPU threads.
-
-    float32 whatever x's dtype: PyTorch's bf16 draws (``torch.rand_like`` of a bf16 activation under
-    autocast) are multiples of 1/256, so P(u >= 0.1) was 230/256 = 0.898 instead of 0.9.
-
-    PyTorch fills a CPU tensor with random numbers on one thread, whatever torch.get_num_threads()
-    says: 11% of a unet-mnist training step on 2 cores went to the dropout masks' draws. Here a large
-    CPU tensor is cut into one slice per thread (up to 8); the first slice comes from the global
-    generator, as nn.Dropout's masks do, and each other slice from a generator seeded by one draw of
-    the global one. So the global seed still decides every mask, and the draws are independent
-    U[0, 1) values as before (tests/test_models.py); they are not rand_like's numbers. Elsewhere
-    (GPU, one thread, small tensors, and inside torch.compile, whose graph the thread pool would
-    break) this is torch.rand_like(x, dtype=torch.float32).
-    """
-    global _RNG_POOL
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.numel() < 2**16:
-        return torch.rand_like(x, dtype=torch.float32)
-    parts = min(torch.get_num_threads(), _MAX_RNG_SLICES)
-    if parts < 2:
-        return torch.rand_like(x, dtype=torch.float32)
-    if _RNG_POOL is None or _RNG_POOL[0] != os.getpid():
-        # A forked child inherits the pool but not its threads: it gets a pool of its own. The pool
-        # starts a thread only when no idle one is left, so it holds parts - 1 threads, not the maximum.
-        _RNG_POOL = (os.getpid(), ThreadPoolExecutor(_MAX_RNG_SLICES - 1, thread_name_prefix="ddpm-rng"))
-    pool = _RNG_POOL[1]
-    u = torch.empty_like(x, dtype=torch.float32)  # dense (x's layout, or contiguous), so its storage is exactly its elements
-    flat = u.as_strided((u.numel(),), (1,))
-    slices = flat.tensor_split(parts)
-    seeds = torch.randint(0, 2**62, (parts - 1,)).tolist()
-    pending = [pool.submit(part.uniform_, generator=torch.Generator().manual_seed(seed))
-               for part, seed in zip(slices[1:], seeds)]
-    slices[0].uniform_()
-    for draw in pending:
-        draw.result()
-    return u
 
 
 def _check_divisible(image_size: int, num_levels: int, levels_from: str) -> None:
