@@ -185,9 +185,9 @@ def test_timesteps_are_uniform_over_all_of_0_to_T_minus_1():
     (lambda s: q_sample(s, torch.zeros(2, 2), torch.tensor([1, 2, 3]), torch.zeros(2, 2)), "shape (2,)"),
     (lambda s: q_sample(s, torch.zeros(2, 2), torch.tensor([1, 2]), torch.zeros(2, 3)), "noise must have the shape"),
     (lambda s: training_loss(lambda x, t: x, s, torch.zeros(2, 2), prediction="score"),
-     "unknown prediction 'score'; allowed: eps, x0, v"),
+     "prediction = 'score' is not allowed; choose from: eps, x0, v"),
     (lambda s: training_loss(lambda x, t: x, s, torch.zeros(2, 2), weighting="snr"),
-     "unknown weighting 'snr'; allowed: min_snr"),
+     "weighting = 'snr' is not allowed; choose from: min_snr"),
     (lambda s: training_loss(lambda x, t: x[:, :1], s, torch.zeros(2, 2)), "the model returned shape (2, 1)"),
 ])
 def test_bad_arguments_raise_value_error(schedule, call, message):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import tomllib
 import types
 import typing
@@ -24,16 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ddpm.validation import SEED_LIMIT, SettingError, check_choice, check_fields, check_seed, check_value, choices_of
+
 __all__ = [
     "Config", "ModelConfig", "DiffusionConfig", "DataConfig", "TrainConfig", "SampleConfig",
     "TRAINING_PRESETS", "DEFAULT_PRESET", "build_config", "config_to_dict", "config_from_dict",
-    "read_config_file", "flag_fields", "FlagField", "check_seed", "SEED_LIMIT",
+    "read_config_file", "flag_fields", "sample_flag_fields", "FlagField", "resumable_fields", "check_seed",
+    "SEED_LIMIT",
 ]
 
 
-def _field(default: Any, help: str, *, flag: str | None = None) -> Any:
-    """A dataclass field with its help line (and its command-line flag when not --field-name)."""
-    metadata = {"help": help} | ({"flag": flag} if flag else {})
+def _field(default: Any, help: str, *, flag: str | None = None, resumable: bool = False,
+           used_by: tuple[str, ...] | None = None, train_only: bool = False, **bounds: float) -> Any:
+    """A dataclass field with its help line and what the checks and the command line read from it:
+    flag: its `ddpm train` flag when not --field-name; resumable: a resumed run may change it (it
+    decides when to stop and what to write, not what is computed); used_by: the samplers that read it
+    (a sampling option); train_only: a [sample] field that is not a sampling option (no `ddpm sample`
+    flag); bounds: minimum / maximum (inclusive), above / below (exclusive), checked by check_fields."""
+    metadata = {"help": help, "resumable": resumable, "train_only": train_only, **bounds}
+    metadata |= ({"flag": flag} if flag else {}) | ({"used_by": used_by} if used_by else {})
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -44,9 +51,13 @@ class ModelConfig:
     """Which network predicts the noise; the data shape and T are filled in from the other sections."""
 
     preset: str = _field("unet-small", "model preset (see `ddpm presets`)", flag="model")
-    dropout: float | None = _field(None, "dropout inside residual blocks; None keeps the preset's")
+    dropout: float | None = _field(None, "dropout inside residual blocks; None keeps the preset's",
+                                   minimum=0.0, below=1.0)
     overrides: dict = _field({}, "other model config fields, e.g. {\"ch\": 64} (JSON on the command line)",
                              flag="model-overrides")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -54,11 +65,14 @@ class DiffusionConfig:
     """The forward process and what the network is trained to predict."""
 
     schedule: Literal["linear", "cosine", "sigmoid"] = _field("linear", "beta schedule")
-    num_steps: int = _field(1000, "T, the number of diffusion steps")
+    num_steps: int = _field(1000, "T, the number of diffusion steps", minimum=1)
     beta_start: float = _field(1e-4, "first beta of the linear schedule")
     beta_end: float = _field(0.02, "last beta of the linear schedule")
     prediction: Literal["eps", "x0", "v"] = _field("eps", "what the network predicts")
     weighting: Literal["none", "min_snr"] = _field("none", "loss weighting: the paper's simple loss, or Min-SNR-5")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -67,51 +81,108 @@ class DataConfig:
 
     source: str = _field("square", "a built-in dataset (see `ddpm datasets`) or a path to images or arrays",
                          flag="data")
-    image_size: int | None = _field(None, "H = W of the images; None keeps the source's own")
-    channels: int | None = _field(None, "1 (grayscale) or 3 (RGB); None keeps the source's own")
-    num_examples: int | None = _field(None, "use this many examples (generated sets: how many to draw)")
+    image_size: int | None = _field(None, "H = W of the images; None keeps the source's own", minimum=1)
+    channels: Literal[1, 3] | None = _field(None, "1 (grayscale) or 3 (RGB); None keeps the source's own")
+    num_examples: int | None = _field(None, "use this many examples (generated sets: how many to draw)", minimum=1)
     hflip: bool = _field(False, "random horizontal flips of images")
-    heldout: int = _field(512, "examples held out for the held-out loss (from the test split where there is one)")
-    data_dir: str | None = _field(None, "where the MNIST / CIFAR-10 files are, or should be downloaded to")
+    heldout: int = _field(512, "examples held out for the held-out loss (from the test split where there is one)",
+                          minimum=0)
+    data_dir: str | None = _field(None, "where the MNIST / CIFAR-10 files are, or should be downloaded to",
+                                  resumable=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.source.strip():
+            raise SettingError("source", self.source, "name a built-in dataset (`ddpm datasets`) or a path")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The Algorithm-1 loop: optimiser, schedule of the learning rate, EMA, precision, bookkeeping."""
 
-    steps: int = _field(3000, "optimiser steps to train for")
-    batch_size: int = _field(128, "global batch size (all processes together)")
-    grad_accum: int = _field(1, "split each batch into this many sequential micro-batches")
-    lr: float = _field(1e-4, "AdamW learning rate")
-    warmup: int = _field(0, "steps of linear learning-rate warm-up from 0")
-    weight_decay: float = _field(0.0, "AdamW weight decay")
-    grad_clip: float | None = _field(1.0, "clip the gradient norm to this; None: no clipping")
-    ema_decay: float = _field(0.999, "decay of the exponential moving average of the weights")
+    steps: int = _field(3000, "optimiser steps to train for", minimum=1, resumable=True)
+    batch_size: int = _field(128, "global batch size (all processes together)", minimum=1)
+    # grad_accum, like the number of processes, changes only the order in which gradients are added.
+    grad_accum: int = _field(1, "split each batch into this many sequential micro-batches", minimum=1,
+                             resumable=True)
+    lr: float = _field(1e-4, "AdamW learning rate", above=0.0)
+    warmup: int = _field(0, "steps of linear learning-rate warm-up from 0", minimum=0)
+    weight_decay: float = _field(0.0, "AdamW weight decay", minimum=0.0)
+    grad_clip: float | None = _field(1.0, "clip the gradient norm to this; None: no clipping", above=0.0)
+    ema_decay: float = _field(0.999, "decay of the exponential moving average of the weights", minimum=0.0,
+                              below=1.0)
     ema_warmup: bool = _field(True, "use min(decay, (1 + n) / (10 + n)) so early EMA weights are not stale")
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs the model under bf16 autocast")
-    compile: bool = _field(False, "torch.compile the model")
-    channels_last: bool = _field(True, "lay U-Nets out channels-last (faster; same up to rounding; not bf16 on CPU)")
-    fused_optimizer: bool = _field(True, "AdamW's fused kernel (fewer passes over the weights; equal up to rounding)")
+    compile: bool = _field(False, "torch.compile the model", resumable=True)
+    channels_last: bool = _field(True, "lay U-Nets out channels-last (faster; same up to rounding; not bf16 on CPU)",
+                                 resumable=True)
+    fused_optimizer: bool = _field(True, "AdamW's fused kernel (fewer passes over the weights; equal up to rounding)",
+                                   resumable=True)
     seed: int = _field(0, "seed of weights, data order, timesteps and noise")
-    device: str = _field("auto", "cpu, cuda, cuda:N or auto")
-    log_every: int = _field(50, "write metrics.jsonl every this many steps")
-    eval_every: int = _field(500, "held-out loss every this many steps (0: never)")
-    checkpoint_every: int = _field(1000, "checkpoint every this many steps (and at the end)")
-    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
-    sample_every: int = _field(1000, "save a sample grid every this many steps (0: only at the end)")
-    tensorboard: bool = _field(True, "also write TensorBoard event files (needs the tensorboard package)")
-    wandb: bool = _field(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    device: str = _field("auto", "cpu, cuda, cuda:N or auto", resumable=True)
+    log_every: int = _field(50, "write metrics.jsonl every this many steps", minimum=1, resumable=True)
+    eval_every: int = _field(500, "held-out loss every this many steps (0: never)", minimum=0, resumable=True)
+    checkpoint_every: int = _field(1000, "checkpoint every this many steps (and at the end)", minimum=1,
+                                   resumable=True)
+    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep", minimum=1, resumable=True)
+    sample_every: int = _field(1000, "save a sample grid every this many steps (0: only at the end)", minimum=0,
+                               resumable=True)
+    tensorboard: bool = _field(True, "also write TensorBoard event files (needs the tensorboard package)",
+                               resumable=True)
+    wandb: bool = _field(False, "log to Weights & Biases (WANDB_MODE=offline works)", resumable=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_seed(self.seed, "seed")
+        if self.batch_size % self.grad_accum:
+            raise SettingError("batch_size", self.batch_size, f"it must be divisible by grad_accum = {self.grad_accum}")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How sample grids are drawn during training, and the defaults of `ddpm sample`."""
+    """How samples are drawn: the one carrier of sampling options. It is a run's [sample] section (the
+    grids drawn during training and the defaults of `ddpm sample` and `ddpm eval`), the flags of those
+    two commands, and what ``ddpm.sample`` checks its arguments with. A field with ``used_by`` is read by
+    those samplers only; any other sampler refuses a value other than its default."""
 
-    sampler: Literal["ddpm", "ddim"] = _field("ddpm", "ddpm (Algorithm 2) or ddim (eq. 12)")
-    sample_steps: int | None = _field(None, "timesteps to visit; None: all T")
-    eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 like DDPM")
-    clip: bool = _field(True, "clip the predicted x0 to [-1, 1] (images only)")
-    num_samples: int = _field(16, "images in each sample grid")
+    sampler: Literal["ddpm", "ddim"] = _field("ddpm", "ddpm (Algorithm 2) or ddim (eq. 12)", resumable=True)
+    steps: int | None = _field(None, "timesteps to visit, one network call each; None: all T", flag="sample-steps",
+                               minimum=1, resumable=True)
+    eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 like DDPM", used_by=("ddim",), minimum=0.0,
+                        maximum=1.0, resumable=True)
+    variance: Literal["fixed_small", "fixed_large"] = _field(
+        "fixed_small", "sigma_t^2 of DDPM's reverse steps: beta tilde_t or beta_t", used_by=("ddpm",), resumable=True)
+    spacing: Literal["uniform", "leading"] = _field("uniform", "which timesteps a shorter walk visits",
+                                                     resumable=True)
+    clip: bool = _field(True, "clip the predicted x0 to [-1, 1] (images only)", resumable=True)
+    num_samples: int = _field(16, "images in each sample grid drawn during training", minimum=1, resumable=True,
+                              train_only=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for f in dataclasses.fields(self):
+            used_by = f.metadata.get("used_by")
+            if used_by and self.sampler not in used_by and getattr(self, f.name) != f.default:
+                raise SettingError(f.name, getattr(self, f.name),
+                                   f"it applies to sampler {' or '.join(used_by)} only, not {self.sampler}")
+
+    def for_sampler(self, sampler: str) -> SampleConfig:
+        """These options for ``sampler``: the same when it is this one's; for another, the options that
+        belong to a walk (steps and those only this sampler reads) go back to their defaults."""
+        if sampler == self.sampler:
+            return self
+        check_choice("sampler", sampler, choices_of(_SAMPLE_HINTS["sampler"]))
+        reset = {f.name: f.default for f in dataclasses.fields(self) if f.name == "steps" or "used_by" in f.metadata}
+        return dataclasses.replace(self, sampler=sampler, **reset)
+
+    def replace(self, **asked: Any) -> SampleConfig:
+        """These options with those in ``asked`` that are not None (as flags and keyword arguments come),
+        switching sampler first (``for_sampler``); checked like any SampleConfig."""
+        base = self.for_sampler(asked["sampler"]) if asked.get("sampler") is not None else self
+        return dataclasses.replace(base, **{k: v for k, v in asked.items() if v is not None and k != "sampler"})
+
+
+_SAMPLE_HINTS = typing.get_type_hints(SampleConfig)
 
 
 @dataclass(frozen=True)
@@ -126,7 +197,9 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        _check_values(self)
+        steps, num_steps = self.sample.steps, self.diffusion.num_steps
+        if steps is not None and steps > num_steps:
+            raise SettingError("sample.steps", steps, f"it must be in 1..{num_steps} (diffusion.num_steps)")
 
 
 SECTIONS: dict[str, type] = {
@@ -171,28 +244,16 @@ TRAINING_PRESETS: dict[str, _Preset] = {
          "data": {"source": "mnist", "heldout": 1000},
          "train": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "warmup": 200, "ema_decay": 0.9995,
                    "checkpoint_every": 500, "sample_every": 500, "eval_every": 500},
-         "sample": {"sampler": "ddim", "sample_steps": 50}}),
+         "sample": {"sampler": "ddim", "steps": 50}}),
     "cifar10": (
         "the paper's CIFAR-10 recipe: 35.7M U-Net, lr 2e-4, warm-up 5000, batch 128, dropout 0.1, EMA 0.9999, flips, 800k steps",
         {"model": {"preset": "unet-cifar10"},
          "data": {"source": "cifar10", "hflip": True, "heldout": 1000},
          "train": {"steps": 800_000, "batch_size": 128, "lr": 2e-4, "warmup": 5000, "ema_decay": 0.9999,
                    "ema_warmup": False, "checkpoint_every": 5000, "sample_every": 10_000},
-         "sample": {"sampler": "ddim", "sample_steps": 100, "num_samples": 64}}),
+         "sample": {"sampler": "ddim", "steps": 100, "num_samples": 64}}),
 }
 DEFAULT_PRESET = "square-fast"
-# torch's generators take 64-bit seeds, and a run derives seeds + 1, + 2 (and the test split's) from its own.
-SEED_LIMIT = 2**62
-
-
-def check_seed(value: Any, name: str) -> int:
-    """``value`` as an int seed torch can take with room for the seeds derived from it, else a
-    ValueError that names ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} = {value!r} is not an integer")
-    if not abs(value) < SEED_LIMIT:
-        raise ValueError(f"{name} = {value!r} is out of range; a seed lies between -2**62 and 2**62")
-    return int(value)
 
 
 def build_config(preset: str = DEFAULT_PRESET, *layers: Mapping[str, Any]) -> Config:
@@ -200,6 +261,11 @@ def build_config(preset: str = DEFAULT_PRESET, *layers: Mapping[str, Any]) -> Co
     if preset not in TRAINING_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from: {', '.join(TRAINING_PRESETS)}")
     merged: dict[str, Any] = {"preset": preset}
+    for layer in layers:
+        for name in SECTIONS:
+            if name in layer and not isinstance(layer[name], Mapping):  # or it would replace the whole section
+                raise SettingError(f"[{name}]", layer[name], "a section is a table of fields")
+    layers = tuple(map(_current_names, layers))
     for layer in (TRAINING_PRESETS[preset][1], *layers):
         merged = _merge(merged, layer)
     return config_from_dict(_without_stale_preset_settings(merged, TRAINING_PRESETS[preset][1], layers))
@@ -247,28 +313,54 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Keys that earlier versions wrote under another name: (section, old) -> new.
+_RENAMED = {("sample", "sample_steps"): "steps"}
+
+
 def config_from_dict(data: Mapping[str, Any], *, where: str = "config") -> Config:
-    """Rebuild a :class:`Config` from nested dicts, checking every key and value type."""
+    """Rebuild a :class:`Config` from nested dicts, checking every key and value (errors name ``where``
+    and the field, e.g. "config.json: sample.eta = 2 is not allowed; ...")."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a table of sections, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"preset", *SECTIONS})
+    unknown = sorted(set(data) - {"preset", *SECTIONS}, key=str)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: preset, {', '.join(SECTIONS)}")
     sections = {}
+    data = _current_names(data)
     for name, cls in SECTIONS.items():
         values = data.get(name, {})
         if not isinstance(values, Mapping):
             raise ValueError(f"{where}: [{name}] must be a table of fields, got {values!r}")
-        allowed = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in values.items():
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
             if key not in allowed:
                 raise ValueError(f"{where}: unknown key {name}.{key}; allowed in [{name}]: {', '.join(allowed)}")
-            _check_type(f"{name}.{key}", value, _field_type(cls, key))
-        sections[name] = cls(**values)
+        try:
+            sections[name] = cls(**values)
+        except SettingError as error:
+            raise _in_file(error.renamed(f"{name}.{error.name}"), where) from None
     preset = data.get("preset", DEFAULT_PRESET)
     if preset not in TRAINING_PRESETS:
         raise ValueError(f"{where}: unknown preset {preset!r}; choose from: {', '.join(TRAINING_PRESETS)}")
-    return Config(preset=preset, **sections)
+    try:
+        return Config(preset=preset, **sections)
+    except SettingError as error:
+        raise _in_file(error, where) from None
+
+
+def _current_names(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` with the keys earlier versions wrote renamed (what is not a table is left as it is)."""
+    out = dict(layer)
+    for (section, old), new in _RENAMED.items():
+        values = out.get(section)
+        if isinstance(values, Mapping) and old in values:
+            out[section] = {(new if key == old else key): value for key, value in values.items()}
+    return out
+
+
+def _in_file(error: SettingError, where: str) -> ValueError:
+    """The error as read from ``where`` (not said for a config built from presets and flags)."""
+    return error if where == "config" else ValueError(f"{where}: {error}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -287,96 +379,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     raise ValueError(f"config file {str(path)!r}: use a .toml or .json file")
 
 
-# --- types and values -----------------------------------------------------------------------------
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    """Raise a ValueError unless ``value`` fits ``annotation`` (int, float, bool, str, None, Literal, dict)."""
-    if _fits(value, annotation):
-        return
-    raise ValueError(f"{name} = {value!r} is not allowed; expected {_describe(annotation)}")
-
-
-def _options(annotation: Any) -> tuple[Any, ...]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-def _fits(value: Any, annotation: Any) -> bool:
-    for option in _options(annotation):
-        if option is type(None) and value is None:
-            return True
-        if typing.get_origin(option) is Literal and value in typing.get_args(option):
-            return True
-        if option is bool and isinstance(value, bool):
-            return True
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if option in (str, dict) and isinstance(value, option):
-            return True
-    return False
-
-
-def _describe(annotation: Any) -> str:
-    words = []
-    for option in _options(annotation):
-        if option is type(None):
-            words.append("none")
-        elif typing.get_origin(option) is Literal:
-            words.append(" | ".join(repr(v) for v in typing.get_args(option)))
-        else:
-            words.append({int: "an integer", float: "a number", bool: "true or false", str: "a string",
-                          dict: "a table"}[option])
-    return " or ".join(words)
-
-
-def _check_values(config: Config) -> None:
-    """Values every run needs; the model and data checks come when they are built."""
-    t, d, s = config.train, config.diffusion, config.sample
-    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                "diffusion.num_steps": d.num_steps, "train.log_every": t.log_every,
-                "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
-                "sample.num_samples": s.num_samples}
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} = {value} is not allowed; it must be at least 1")
-    for name, value in {"train.eval_every": t.eval_every, "train.sample_every": t.sample_every,
-                        "train.warmup": t.warmup, "data.heldout": config.data.heldout}.items():
-        if value < 0:
-            raise ValueError(f"{name} = {value} is not allowed; it must be 0 or more")
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size = {t.batch_size} must be divisible by train.grad_accum = {t.grad_accum}")
-    check_seed(t.seed, "train.seed")
-    if not (t.lr > 0 and math.isfinite(t.lr)):
-        raise ValueError(f"train.lr = {t.lr} is not allowed; it must be a positive number")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay = {t.ema_decay} is not allowed; it must be in [0, 1)")
-    if t.grad_clip is not None and not t.grad_clip > 0:
-        raise ValueError(f"train.grad_clip = {t.grad_clip} is not allowed; it must be positive or none")
-    if t.weight_decay < 0:
-        raise ValueError(f"train.weight_decay = {t.weight_decay} is not allowed; it must be 0 or more")
-    if not 0.0 <= s.eta <= 1.0:
-        raise ValueError(f"sample.eta = {s.eta} is not allowed; it must be in [0, 1]")
-    if s.sampler == "ddpm" and s.eta != 0.0:
-        raise ValueError(f"sample.eta = {s.eta} applies to sample.sampler = 'ddim' only (DDPM is DDIM with "
-                         f"eta 1); add --sampler ddim, or leave eta at 0")
-    if s.sample_steps is not None and not 1 <= s.sample_steps <= d.num_steps:
-        raise ValueError(f"sample.sample_steps = {s.sample_steps} is not allowed; it must be in 1..{d.num_steps}")
-    if config.data.image_size is not None and config.data.image_size < 1:
-        raise ValueError(f"data.image_size = {config.data.image_size} is not allowed; it must be at least 1")
-    if config.data.channels not in (None, 1, 3):
-        raise ValueError(f"data.channels = {config.data.channels} is not allowed; choose 1 or 3")
-    if config.data.num_examples is not None and config.data.num_examples < 1:
-        raise ValueError(f"data.num_examples = {config.data.num_examples} is not allowed; it must be at least 1")
-    if config.model.dropout is not None and not 0.0 <= config.model.dropout < 1.0:
-        raise ValueError(f"model.dropout = {config.model.dropout} is not allowed; it must be in [0, 1)")
+def resumable_fields() -> set[str]:
+    """The fields ("train.steps", ...) a resumed run may change: those marked resumable."""
+    return {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.metadata["resumable"]}
 
 
 # --- command-line flags, derived from the fields --------------------------------------------------
@@ -392,31 +398,50 @@ class FlagField:
     default: Any
     help: str
 
+    @property
+    def choices(self) -> list[str] | None:
+        """The allowed values of a Literal field, as the command line spells them."""
+        choices = choices_of(self.annotation)
+        return None if choices is None else [str(c) for c in choices]
+
     def parse(self, text: str) -> Any:
         """The value of the flag's text, checked against the field's type."""
-        value = _parse_text(text, self.annotation, self.flag)
-        _check_type(self.flag, value, self.annotation)
-        return value
+        return check_value(self.flag, _parse_text(text, self.annotation, self.flag), self.annotation)
 
 
 def flag_fields() -> list[FlagField]:
-    """Every config field as a flag, in section order."""
-    out = []
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(FlagField(flag, section, f.name, _field_type(cls, f.name), default, f.metadata["help"]))
-    return out
+    """Every config field as a `ddpm train` flag, in section order."""
+    return [_flag(section, f, f.metadata.get("flag", f.name)) for section, cls in SECTIONS.items()
+            for f in dataclasses.fields(cls)]
+
+
+def sample_flag_fields() -> list[FlagField]:
+    """The sampling options as flags of `ddpm sample` and `ddpm eval` (--sampler, --steps, --eta, ...)."""
+    return [_flag("sample", f, f.name) for f in dataclasses.fields(SampleConfig) if not f.metadata["train_only"]]
+
+
+def _flag(section: str, f: dataclasses.Field, name: str) -> FlagField:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return FlagField("--" + name.replace("_", "-"), section, f.name, _field_type(SECTIONS[section], f.name),
+                     default, f.metadata["help"])
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
 
 
 def _parse_text(text: str, annotation: Any, flag: str) -> Any:
-    options = _options(annotation)
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
     lowered = text.strip().lower()
     if type(None) in options and lowered in ("none", "null"):
         return None
     for option in options:
-        if option is bool:
+        if typing.get_origin(option) is Literal:
+            for value in typing.get_args(option):
+                if str(value) == text.strip():
+                    return value
+        elif option is bool:
             if lowered in ("true", "yes", "1", "on"):
                 return True
             if lowered in ("false", "no", "0", "off"):
@@ -437,4 +462,4 @@ def _parse_text(text: str, annotation: Any, flag: str) -> Any:
             except json.JSONDecodeError:
                 raise ValueError(f"{flag} {text!r} is not a JSON object like '{{\"ch\": 64}}'") from None
             return value
-    return text  # str and Literal: checked by the caller
+    return text  # str, and what fits no option: checked by the caller

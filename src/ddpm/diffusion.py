@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ddpm.schedule import NoiseSchedule, check_timesteps, extract
+from ddpm.validation import check_choice
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Prediction = Literal["eps", "x0", "v"]
@@ -25,12 +26,6 @@ Variance = Literal["fixed_small", "fixed_large"]
 VARIANCES: tuple[str, ...] = get_args(Variance)
 Decoder = Literal["discretized", "gaussian"]
 DECODERS: tuple[str, ...] = get_args(Decoder)
-
-
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    """Raise ValueError naming ``value`` and the allowed choices unless ``value`` is one of them."""
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

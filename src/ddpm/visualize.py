@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from ddpm.validation import whole_number
+
 __all__ = [
     "to_uint8", "make_grid", "save_grid", "save_images", "denoising_strip", "save_animation",
     "scatter_png", "plot_curves",
@@ -36,11 +38,6 @@ _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 # ---------------------------------------------------------------------------------------------
 # Images
-
-
-def _require_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; use an integer >= {minimum}")
 
 
 def _check_images(images: Tensor, what: str = "images") -> None:
@@ -85,10 +82,10 @@ def _check_layout(n: int, nrow: int | None, padding: int) -> int:
     """The validated number of images per row (default: ceil(sqrt(N)), a near-square grid)."""
     if n == 0:
         raise ValueError("images is empty; a grid needs at least one image")
-    _require_int("padding", padding, 0)
+    whole_number("padding", padding, 0)
     if nrow is None:
         return math.ceil(math.sqrt(n))
-    _require_int("nrow", nrow, 1)
+    whole_number("nrow", nrow, 1)
     return min(nrow, n)
 
 
@@ -103,7 +100,7 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_val
     """
     _check_images(images)
     nrow = _check_layout(images.shape[0], nrow, padding)
-    _require_int("scale", scale, 1)
+    whole_number("scale", scale, 1)
     pixels = to_uint8(images).numpy()
     if scale > 1:
         pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -172,7 +169,7 @@ def denoising_strip(frames: Sequence[Tensor], path: str | Path, columns: int | N
     _check_frames(frames)
     k = len(frames)
     if columns is not None:
-        _require_int("columns", columns, 1)
+        whole_number("columns", columns, 1)
     count = k if columns is None else min(columns, k)
     chosen = sorted({round(i * (k - 1) / max(count - 1, 1)) for i in range(count)})
     stacked = torch.stack([frames[i].detach().cpu() for i in chosen], dim=1)  # (N, columns, C, H, W)
@@ -187,7 +184,7 @@ def save_animation(frames: Sequence[Tensor], path: str | Path, duration_ms: int 
     longer frame, so the file can hold fewer frames than given when nothing changed between them.
     """
     _check_frames(frames)
-    _require_int("duration_ms", duration_ms, 1)
+    whole_number("duration_ms", duration_ms, 1)
     nrow = _check_layout(frames[0].shape[0], nrow, 2)
     scale = _auto_scale(frames[0].shape[-1], nrow) if scale is None else scale
     grids = [make_grid(frame, nrow=nrow, scale=scale) for frame in frames]
@@ -284,7 +281,7 @@ def scatter_png(point_sets: Sequence[Tensor], path: str | Path, titles: Sequence
             raise ValueError(f"point_sets[{i}] must be (N, 2); got shape {tuple(p.shape)}")
     if titles is not None and len(titles) != len(sets):
         raise ValueError(f"titles has {len(titles)} entries for {len(sets)} point sets; give one per set")
-    _require_int("size", size, 16)
+    whole_number("size", size, 16)
     xlim, ylim = _scatter_limits(sets, limits)
     margin, title_height = 12, 24
     panel_width = size + 2 * margin

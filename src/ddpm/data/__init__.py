@@ -10,9 +10,10 @@ from ddpm.data.cifar import RestrictedUnpickler, load_cifar10
 from ddpm.data.download import (
     default_cache_dir, download_cifar10, download_file, download_mnist, md5_of, resolve_data_path, verify_md5,
 )
-from ddpm.data.errors import ChecksumError, DataError, DownloadError
+from ddpm.data.errors import ChecksumError, DataError, DownloadError, NoSplitsError
 from ddpm.data.folder import list_image_files, load_image_folder
 from ddpm.data.mnist import ImagesAndLabels, load_mnist, read_idx
+from ddpm.data.order import DataOrder
 from ddpm.data.registry import DATASETS, Dataset, list_datasets, load_dataset
 from ddpm.data.synthetic import (
     eight_gaussians_centres, make_8gaussians, make_checkerboard, make_gradients, make_moons, make_square,
@@ -22,7 +23,7 @@ from ddpm.data.transforms import convert_channels, host_to_device, random_hflip,
 
 __all__ = [
     "DATASETS", "Dataset", "list_datasets", "load_dataset",
-    "DataError", "ChecksumError", "DownloadError",
+    "DataError", "ChecksumError", "DownloadError", "NoSplitsError", "DataOrder",
     "make_square", "make_gradients", "nearest_gradient_distance", "make_moons", "make_swissroll",
     "make_8gaussians", "eight_gaussians_centres", "make_checkerboard",
     "ImagesAndLabels", "read_idx", "load_mnist", "load_cifar10", "RestrictedUnpickler",

@@ -17,3 +17,7 @@ class ChecksumError(DataError):
 
 class DownloadError(DataError):
     """No mirror could be reached; the caller turns this into "put these files there"."""
+
+
+class NoSplitsError(DataError):
+    """A split other than "train" was asked of a source that has none (a folder, an array file)."""

@@ -20,7 +20,7 @@ from ddpm.data._checks import require_channels, require_int
 from ddpm.data.arrays import array_to_tensor, load_array
 from ddpm.data.cifar import find_cifar10, load_cifar10
 from ddpm.data.download import resolve_data_path
-from ddpm.data.errors import DataError
+from ddpm.data.errors import DataError, NoSplitsError
 from ddpm.data.folder import list_image_files, load_image_folder, skipped_message
 from ddpm.data.mnist import ImagesAndLabels, find_mnist_files, load_mnist
 from ddpm.data.transforms import convert_channels, resize_center_crop, uint8_to_float
@@ -155,7 +155,7 @@ def _refuse_image_options(name: str, image_size: int | None, channels: int | Non
 
 def _refuse_split(source: str, split: str) -> None:
     if split != "train":
-        raise DataError(f"split={split!r}: {source} has no splits; only mnist, cifar10 and generated sets do")
+        raise NoSplitsError(f"split={split!r}: {source} has no splits; only mnist, cifar10 and generated sets do")
 
 
 def _from_path(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None,

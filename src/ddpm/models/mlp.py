@@ -12,8 +12,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ddpm.models._checks import check_field_types, check_input_shapes, require_positive
+from ddpm.models._checks import check_input_shapes
 from ddpm.models.embeddings import SinusoidalEmbedding
+from ddpm.validation import check_fields, require_positive
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ToyMLPConfig:
     num_steps: int = 1000  # T, to scale t to t/T in [0, 1)
 
     def __post_init__(self) -> None:
-        check_field_types(self)
+        check_fields(self)
         require_positive(self, "channels", "image_size", "hidden_dim", "num_steps")
 
 
@@ -70,7 +71,7 @@ class ResidualMLPConfig:
     norm: Literal["layer", "none"] = "layer"  # LayerNorm at the start of each block and before the output, or none
 
     def __post_init__(self) -> None:
-        check_field_types(self)
+        check_fields(self)
         require_positive(self, "data_dim", "hidden_dim", "num_blocks", "time_embed_dim")
 
 
