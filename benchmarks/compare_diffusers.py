@@ -43,9 +43,9 @@ PyTorch's default AdamW. The process's malloc is set up as the `ddpm` command se
 --device cuda runs the same comparison on a GPU, with larger training batches (128; the paper's for
 CIFAR-10), ten steps per timed round, every timing between two torch.cuda.synchronize() calls, the
 whole 1000-step DDPM walk (no extrapolation), and the peak from 8192x8192 products (fp32 as TF32,
-the arithmetic cuDNN gives fp32 convolutions by default). There ddpm samples with its default
-CUDA-graph replay, and the DDIM row is also run with ddpm's cuda_graph=False to show what the graph
-gives. --compile wraps both sides' networks in torch.compile for the training rows. With --json the
+the arithmetic cuDNN gives fp32 convolutions by default). There ddpm samples with its defaults (no
+CUDA graph), and the sampling rows are also run with ddpm's opt-in cuda_graph=True to show what the
+graph gives. --compile wraps both sides' networks in torch.compile for the training rows. With --json the
 file is rewritten after every row ("complete": false until the end), so a stopped run keeps its rows.
 """
 
@@ -70,7 +70,8 @@ from ddpm.allocator import keep_freed_memory
 from ddpm.config import build_config
 from ddpm.diffusion import per_example_loss
 from ddpm.models import build_model, use_channels_last
-from ddpm.training import build_optimizer, wants_channels_last
+from ddpm.build import wants_channels_last
+from ddpm.training import build_optimizer
 
 # The small U-Net of the comparison (UNet2DModel keyword arguments). Besides what the issue fixes
 # (block channels, one layer per block, attention at 14x14), the choices follow google/ddpm-cifar10-32:
@@ -201,7 +202,7 @@ def _seconds(fn: Callable[[], Any]) -> float:
 def ddpm_unet(preset: str, precision: str = "fp32", device: torch.device = torch.device("cpu"),
               **overrides: Any) -> nn.Module:
     """ddpm's network laid out as `ddpm train` does by default for ``precision`` on ``device``
-    (training.wants_channels_last: channels-last, except in bf16 on a CPU); `ddpm.load` samples
+    (build.wants_channels_last: channels-last, except in bf16 on a CPU); `ddpm.load` samples
     channels-last."""
     model = build_model(preset, seed=0, **overrides).to(device)
     config = build_config("mnist", {"train": {"precision": precision}})
@@ -254,7 +255,7 @@ def diffusers_train_step(model: nn.Module, scheduler: Any, optimizer: torch.opti
 
 
 def ddpm_sampler(model: nn.Module, schedule: ddpm.NoiseSchedule, shape: tuple[int, ...], sampler: str,
-                 steps: int, run_steps: int, cuda_graph: bool | None = None) -> Callable[[], None]:
+                 steps: int, run_steps: int, cuda_graph: bool = False) -> Callable[[], None]:
     """One sampling run of ``steps`` steps, stopped after the first ``run_steps`` of them."""
 
     class Enough(Exception):
@@ -406,7 +407,7 @@ def compare_sampling(sampler: str, steps: int, run_steps: int, ours: nn.Module, 
         "seconds_diffusers": [s * scale for s in result.diffusers_s], "speedup": result.speedup,
     }
     if device.type == "cuda" and run_steps == steps:
-        # ddpm with its CUDA-graph replay (the default there) against ddpm without it.
+        # ddpm with its opt-in CUDA-graph replay against ddpm without it.
         graph = alternate(ddpm_sampler(ours, schedule, shape, sampler, steps, run_steps, cuda_graph=True),
                           ddpm_sampler(ours, schedule, shape, sampler, steps, run_steps, cuda_graph=False),
                           1, settings.sampling_rounds)

@@ -98,7 +98,7 @@ def uncapturable_model_gets_a_clear_error(device: torch.device) -> None:
 
     schedule = ddpm.NoiseSchedule("linear", 1000).to(device)
     try:
-        ddpm.sample(model, schedule, (2, 1, 4, 4), sampler="ddim", steps=5)
+        ddpm.sample(model, schedule, (2, 1, 4, 4), sampler="ddim", steps=5, cuda_graph=True)
         message = "no error"
     except RuntimeError as error:
         message = str(error)
@@ -130,7 +130,7 @@ def tiny_config(steps: int):
         "diffusion": {"num_steps": 50},
         "train": {"steps": steps, "log_every": steps, "checkpoint_every": steps, "sample_every": 0,
                   "eval_every": 0, "tensorboard": False, "device": "cuda"},
-        "sample": {"sample_steps": 5, "num_samples": 4}})
+        "sample": {"steps": 5, "num_samples": 4}})
 
 
 def training_makes_no_host_sync(root: Path) -> None:

@@ -53,7 +53,8 @@ def main() -> None:
     print(f"| sampler | steps | {args.metric} | floor (real data) | other | wall time |")
     print("|---|---|---|---|---|---|")
     for sampler, steps in parse_walks(args.walks):
-        options = EvalOptions(num=args.num, sampler=sampler, steps=steps, seed=args.seed, progress=False)
+        options = EvalOptions(num=args.num, sample=run.sample_options(sampler=sampler, steps=steps), seed=args.seed,
+                              progress=False)
         start = time.perf_counter()
         result = evaluate_run(run, [args.metric], options)[args.metric]
         seconds = time.perf_counter() - start

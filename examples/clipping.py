@@ -28,7 +28,8 @@ import ddpm
 from _common import parser, wrote
 from ddpm.config import build_config
 from ddpm.diffusion import denoise
-from ddpm.training import load_training_data, train
+from ddpm.build import load_training_data
+from ddpm.training import train
 from ddpm.visualize import plot_curves, save_grid
 
 

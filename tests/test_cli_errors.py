@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ddpm.config import build_config
-from ddpm.training import build_model_for
+from ddpm.build import build_model_for
 
 # The real MNIST files in ../shared beside the checkout (CI provides them; a missing folder fails loudly).
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -76,7 +76,8 @@ def test_square_metric_is_the_error_of_the_samples_it_draws(runs):
     """The metric measures the run's own samples: the same seed gives the same draw, clipped and
     rounded to 8 bits, and its RMS error to the square is what the report says."""
     run = ddpm.load(runs["square"])
-    report = evaluate_run(run, ["square"], EvalOptions(num=6, sampler="ddim", steps=5, progress=False))
+    options = EvalOptions(num=6, sample=run.sample_options(sampler="ddim", steps=5), progress=False)
+    report = evaluate_run(run, ["square"], options)
     x = run.sample(6, sampler="ddim", steps=5, seed=0, batch_size=250)
     x = ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     target = torch.full((1, 8, 8), -1.0)
@@ -143,8 +144,8 @@ def test_fid_with_an_inception_weights_file(runs, capsys, tmp_path):
     (["--metric", "fid"], "DDPM_INCEPTION_WEIGHTS"),
     (["--metric", "nonsense"], "invalid choice"),
     (["--steps", "500"], "this run has T = 20"),
-    (["--num", "0"], "--num must be at least 1"),
-    (["--eta", "2"], "must be in [0, 1]"),
+    (["--num", "0"], "--num 0 is not allowed; use an integer >= 1"),
+    (["--eta", "2"], "--eta 2.0 is not allowed; it must be in [0, 1]"),
     (["--json", "x.txt"], "must end in .json"),
 ])
 def test_bad_eval_input_is_one_line(runs, capsys, args, message, monkeypatch):
@@ -199,7 +200,7 @@ def test_cifar10_preset_run_gets_bpd_on_its_test_split(tmp_path, capsys):
         "data": {"data_dir": str(tmp_path / "cifar"), "heldout": 2},
         "model": {"overrides": {"ch": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
                                 "num_groups": 8}},
-        "diffusion": {"num_steps": 20}, "sample": {"sample_steps": 5, "num_samples": 4},
+        "diffusion": {"num_steps": 20}, "sample": {"steps": 5, "num_samples": 4},
         "train": {**TINY_TRAIN, "steps": 2, "checkpoint_every": 2, "warmup": 0}})
     run_dir = train(config, tmp_path / "run", progress=False, log=lambda message: None).run_dir
     code, out, err = _eval(capsys, str(run_dir), "--heldout", "50", "--json", str(tmp_path / "e.json"))

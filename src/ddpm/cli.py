@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 training failed (non-finite loss) or an unexpected erro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -61,18 +62,34 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     preset = TRAINING_PRESETS[DEFAULT_PRESET][1]
     for f in flag_fields():
         group = groups.setdefault(f.section, parser.add_argument_group(f"[{f.section}]"))
-        dest = f"{f.section}.{f.name}"
         default = preset.get(f.section, {}).get(f.name, f.default)
-        if f.annotation is bool:
-            group.add_argument(f.flag, dest=dest, action=argparse.BooleanOptionalAction,
-                               help=f"{f.help} (default {default})")
-        else:
-            group.add_argument(f.flag, dest=dest, metavar=f.name.upper(), help=f"{f.help} (default {default})")
+        _add_flag(group, f, f"{f.section}.{f.name}", f"default {default}", parse=False)
+
+
+def _add_flag(group: argparse._ArgumentGroup, f: Any, dest: str, default_text: str, *, parse: bool) -> None:
+    """A config field's flag: on/off for a bool, else a value (its choices in the help). With ``parse``
+    argparse converts and checks the value; else it stays text (train parses it with its layers)."""
+    help = f"{f.help} ({default_text}" + (f"; one of: {', '.join(f.choices)}" if f.choices else "") + ")"
+    if f.annotation is bool:
+        group.add_argument(f.flag, dest=dest, action=argparse.BooleanOptionalAction, help=help)
+    else:
+        group.add_argument(f.flag, dest=dest, metavar=f.name.upper(), help=help,
+                           type=_checked(f.parse) if parse else str)
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ValueError becomes argparse's one-line error."""
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return checked
 
 
 def _train(args: argparse.Namespace) -> int:
     from ddpm.config import DEFAULT_PRESET, build_config, flag_fields, read_config_file
-    from ddpm.training import train
+    from ddpm.training import ProcessGroupFailed, TrainingStopped, train
 
     given = vars(args)
     if given.get("resume") and "out" not in given:
@@ -95,8 +112,13 @@ def _train(args: argparse.Namespace) -> int:
         changed.add("preset")
     config = build_config(preset, {k: v for k, v in file_layer.items() if k != "preset"}, flags)
     out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
-    result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
-                   changed=changed, progress=not given.get("quiet", False))
+    try:
+        result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
+                       changed=changed, progress=not given.get("quiet", False))
+    except TrainingStopped as stop:
+        if _is_main_process() or isinstance(stop, ProcessGroupFailed):  # a failure each survivor reports
+            print(f"ddpm: {stop}", file=sys.stderr)
+        return stop.exit_code
     if _is_main_process():
         pictures = result.run_dir / "samples"
         print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {result.loss:.4f}; "
@@ -122,14 +144,9 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
         "sample", help="draw samples from a trained run",
         description="Sample from a run directory (its latest checkpoint) or a checkpoint folder, with EMA weights.")
     parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    parser.add_argument("--num", type=_positive_int("--num"), default=16, help="how many samples (default 16)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's [sample] sampler")
-    parser.add_argument("--steps", type=_positive_int("--steps"),
-                        help="timesteps to visit (default: the run's with its own sampler, else all T)")
-    parser.add_argument("--eta", type=float,
-                        help="DDIM noise in [0, 1] (default: the run's with its own sampler, else 0)")
-    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, help="clip predicted x0 to [-1, 1]")
-    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=256,
+    parser.add_argument("--num", type=_whole_number("--num"), default=16, help="how many samples (default 16)")
+    _add_sampling_flags(parser)
+    parser.add_argument("--batch-size", type=_whole_number("--batch-size"), default=256,
                         help="samples drawn at once (default 256)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the starting noise (default 0)")
     parser.add_argument("--out", metavar="FILE|DIR/", default=None,
@@ -139,36 +156,57 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         help="also save the denoising of the first images as a strip (.png) or animation (.gif)")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
-                        help="replay each sampling step as a CUDA graph (default: on a CUDA device)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                        help="replay the network as a CUDA graph on a CUDA device (default off: not yet "
+                             "measured on a GPU)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it exists (a folder: its numbered PNGs from an earlier run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {flag} takes a whole number >= 1") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{value} is not allowed; {flag} must be at least 1")
-        return value
-    return parse
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampling options (config.SampleConfig) as flags: --sampler, --steps, --eta, ..."""
+    from ddpm.config import sample_flag_fields
+
+    group = parser.add_argument_group(
+        "sampling", "Each option defaults to the run's [sample] setting; another --sampler than the run's "
+                    "starts from that sampler's defaults (all T steps, eta 0).")
+    for f in sample_flag_fields():
+        _add_flag(group, f, f.name, "default: the run's", parse=True)
+
+
+def _sample_options(args: argparse.Namespace, run: Any) -> Any:
+    """The run's sampling options with the flags given on top (config.SampleConfig), errors naming the flag."""
+    from ddpm.config import sample_flag_fields
+    from ddpm.validation import SettingError
+
+    flags = {f.name: f.flag for f in sample_flag_fields()}
+    try:
+        return run.sample_options(**{name: getattr(args, name) for name in flags})
+    except SettingError as error:
+        raise UsageError(str(error.renamed(flags.get(error.name, error.name)))) from None
+
+
+def _whole_number(flag: str) -> Callable[[str], int]:
+    """An argparse type for a whole number >= 1 given as ``flag``."""
+    from ddpm.validation import whole_number
+
+    return _checked(lambda text: whole_number(flag, _integer(flag, text)))
 
 
 def _seed(text: str) -> int:
-    from ddpm.config import check_seed
+    from ddpm.validation import check_seed
+
+    return _checked(lambda text: check_seed(_integer("--seed", text), "--seed"))(text)
+
+
+def _integer(flag: str, text: str) -> int:
+    from ddpm.validation import SettingError
 
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    try:
-        return check_seed(value, "--seed")
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        raise SettingError(flag, repr(text), "use a whole number") from None
 
 
 _TRAJECTORY_IMAGES = 8  # rows of a trajectory picture (images); point clouds keep every point
@@ -180,7 +218,7 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     import ddpm
-    from ddpm.training import resolve_device
+    from ddpm.build import resolve_device
     from ddpm.visualize import save_grid, save_images, scatter_png, to_uint8
 
     run_path = Path(args.run)
@@ -192,9 +230,8 @@ def _sample(args: argparse.Namespace) -> int:
         if trajectory.resolve() == out.resolve():
             raise UsageError(f"--trajectory {trajectory} is also --out; give the two pictures different names")
         _refuse_existing(trajectory, args.overwrite, "--trajectory")
-    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise UsageError(f"--eta {args.eta} is not allowed; it must be in [0, 1]")
     run = ddpm.load(run_path, device=resolve_device(args.device, setting="--device"))
+    options = _sample_options(args, run)
     if run.kind == "points" and _is_dir_target(args.out):
         raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
     if run.kind == "points" and trajectory is not None and trajectory.suffix.lower() != ".png":
@@ -204,11 +241,6 @@ def _sample(args: argparse.Namespace) -> int:
             raise UsageError("this run's points have one coordinate, which makes no picture; use --out x.npz")
         if args.out is None:
             out = _fresh_path(out.with_name(f"sample-{args.seed}.npz"))
-    sampler = args.sampler or run.config.sample.sampler
-    steps = args.steps if args.steps is not None else run.default_steps(sampler)
-    if steps is not None and steps > run.schedule.num_steps:
-        raise UsageError(f"--steps {steps} is not allowed; this run has T = {run.schedule.num_steps}, "
-                         f"so use 1..{run.schedule.num_steps}")
     frames: list[torch.Tensor] = []
     labels: list[str] = []  # the noise level of each frame, for point-cloud panels
     keep = _TRAJECTORY_IMAGES if run.kind == "image" else None
@@ -225,8 +257,7 @@ def _sample(args: argparse.Namespace) -> int:
             frames.append(step.x_prev[:keep].cpu())
             labels.append(f"after t = {step.t}")
 
-    samples = run.sample(args.num, sampler=sampler, steps=steps, eta=args.eta, clip=args.clip, ema=not args.raw,
-                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+    samples = run.sample(args.num, options=options, ema=not args.raw, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
                          callback=record if trajectory is not None else None, cuda_graph=args.cuda_graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     if _is_dir_target(args.out):
@@ -244,7 +275,7 @@ def _sample(args: argparse.Namespace) -> int:
         scatter_png([samples[:, :2]], out, titles=[f"{len(samples)} samples"])
     if trajectory is not None:
         _save_trajectory(frames, labels, trajectory, run.kind)
-    what = f"{len(samples)} samples ({sampler}, {steps or run.schedule.num_steps} steps, seed {args.seed})"
+    what = f"{len(samples)} samples ({options.sampler}, {options.steps or run.schedule.num_steps} steps, seed {args.seed})"
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0
 
@@ -303,19 +334,15 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     parser.add_argument("--metric", action="append", choices=list(METRICS),
                         help="a metric to compute (repeat for several; default: those that suit the run's data)")
-    parser.add_argument("--num", type=_positive_int("--num"), default=1000,
+    parser.add_argument("--num", type=_whole_number("--num"), default=1000,
                         help="samples to draw for sample-based metrics (default 1000)")
-    parser.add_argument("--heldout", type=_positive_int("--heldout"), default=100,
+    parser.add_argument("--heldout", type=_whole_number("--heldout"), default=100,
                         help="held-out examples for bpd; each costs T network calls (default 100)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the run's [sample] sampler")
-    parser.add_argument("--steps", type=_positive_int("--steps"),
-                        help="timesteps to visit (default: the run's with its own sampler, else all T)")
-    parser.add_argument("--eta", type=float,
-                        help="DDIM noise in [0, 1] (default: the run's with its own sampler, else 0)")
-    parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250,
+    _add_sampling_flags(parser)
+    parser.add_argument("--batch-size", type=_whole_number("--batch-size"), default=250,
                         help="samples drawn at once (default 250)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of samples and held-out choice (default 0)")
-    parser.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large",
+    parser.add_argument("--bound-variance", choices=["fixed_large", "fixed_small"], default="fixed_large",
                         help="sigma_t^2 of the bound's reverse steps: beta_t (default, the tighter bound) or beta tilde")
     parser.add_argument("--data-dir", help="where the MNIST / CIFAR-10 files are, if not where the run was trained")
     parser.add_argument("--inception-weights", metavar="PATH",
@@ -329,29 +356,25 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import ddpm
     from ddpm.checkpoint import write_json
+    from ddpm.build import resolve_device
     from ddpm.evaluation.evaluate import EvalOptions, default_metrics, evaluate_run
-    from ddpm.training import resolve_device
 
-    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise UsageError(f"--eta {args.eta} is not allowed; it must be in [0, 1]")
     if args.json is not None:
         _refuse_existing(Path(args.json), args.overwrite, "--json")
         if Path(args.json).suffix.lower() != ".json":
             raise UsageError(f"--json {args.json}: the file name must end in .json")
     run = ddpm.load(args.run, device=resolve_device(args.device, setting="--device"))
-    if args.steps is not None and args.steps > run.schedule.num_steps:
-        raise UsageError(f"--steps {args.steps} is not allowed; this run has T = {run.schedule.num_steps}, "
-                         f"so use 1..{run.schedule.num_steps}")
     metrics = list(dict.fromkeys(args.metric)) if args.metric else default_metrics(run)
-    options = EvalOptions(num=args.num, heldout=args.heldout, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                          batch_size=args.batch_size, seed=args.seed, variance=args.variance, data_dir=args.data_dir,
-                          inception_weights=args.inception_weights, progress=not args.quiet)
+    options = EvalOptions(num=args.num, heldout=args.heldout, sample=_sample_options(args, run),
+                          batch_size=args.batch_size, seed=args.seed, bound_variance=args.bound_variance,
+                          data_dir=args.data_dir, inception_weights=args.inception_weights, progress=not args.quiet)
     report = evaluate_run(run, metrics, options)
     run_dir = run.checkpoint.resolve().parent.parent
     out = Path(args.json) if args.json else _fresh_path(run_dir / "eval" / f"step_{run.step:07d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, {"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step,
-                     "options": {k: v for k, v in vars(options).items() if k != "progress"}, "metrics": report})
+                     "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
+                     "metrics": report})
     print(f"{args.run} at step {run.step} (EMA weights)")
     print(_table(report))
     print(f"wrote {out}")
@@ -447,21 +470,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    from ddpm.checkpoint import CheckpointError
-    from ddpm.distributed import RankError
-    from ddpm.training import ProcessGroupFailed, TrainingStopped
-
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help()
             return BAD_INPUT
         return _COMMANDS[args.command](args)
-    except TrainingStopped as stop:
-        if _is_main_process() or isinstance(stop, ProcessGroupFailed):  # a failure each survivor reports
-            print(f"ddpm: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except (UsageError, CheckpointError, ValueError) as error:
+    except ValueError as error:  # UsageError, SettingError, CheckpointError, DataError, ...
+        from ddpm.distributed import RankError
+
         if _is_main_process() or isinstance(error, RankError):  # what every process raises, rank 0 says
             print(f"{getattr(error, 'prog', 'ddpm')}: error: {_one_line(error)}", file=sys.stderr)
         return BAD_INPUT

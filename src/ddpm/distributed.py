@@ -18,16 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["World", "SINGLE", "launched", "process_group", "is_failure", "DEFAULT_TIMEOUT_S"]
+__all__ = ["World", "SINGLE", "launched", "process_group", "is_failure", "StopSignals", "DEFAULT_TIMEOUT_S"]
 
 # How long a collective waits for a slow process before failing. It bounds how long the others wait
 # for a process that hangs (a process that dies is noticed at once by gloo, and torchrun stops the
@@ -203,3 +205,30 @@ def describe(error: BaseException) -> str:
     text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)  # "[/…/gloo/transport/tcp/pair.cc:537] "
     first = re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".")
     return first[:200]
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self, world: World = SINGLE) -> None:
+        self.world = world
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, exc_type: Any, error: BaseException | None, traceback: Any) -> None:
+        # When a collective failed, the launcher (torchrun) is already stopping the other processes with
+        # SIGTERM. Restoring the default handler would let that signal kill this process before it has
+        # reported the failure in one line, so from here on the signals are ignored: the process exits by
+        # itself right after its report (and torchrun kills it anyway if it ever hung).
+        ending = error is not None and self.world.active and is_failure(error)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_IGN if ending else handler)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from ddpm import checkpoint as ckpt
-from ddpm.config import Config, check_seed, config_from_dict
-from ddpm.models import build_model_from_dict, use_channels_last
-from ddpm.sampling import SamplerStep, sample
+from ddpm.build import load_saved, resolve_device
+from ddpm.config import Config, SampleConfig
+from ddpm.sampling import SamplerStep, sample_with, timestep_sequence
 from ddpm.schedule import NoiseSchedule
+from ddpm.validation import SettingError, check_seed, whole_number
 
 __all__ = ["Run", "load"]
 
@@ -37,40 +37,49 @@ class Run:
     step: int  # training steps behind these weights
     checkpoint: Path
 
-    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-               clip: bool | None = None, ema: bool = True, batch_size: int | None = None, seed: int = 0,
-               generator: torch.Generator | None = None,
-               callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
-               cuda_graph: bool | None = None) -> Tensor:
-        """Draw ``n`` samples (n, *sample_shape) on the CPU; options default to the run's [sample] config
-        (its steps and eta only with its own sampler: another sampler gets all T steps and eta 0).
+    def sample_options(self, **asked: Any) -> SampleConfig:
+        """The sampling options of this run: its [sample] config, with those in ``asked`` (sampler,
+        steps, eta, variance, spacing, clip; None: the run's) on top. Another sampler than the run's
+        starts from its defaults (all T steps, eta 0, ...), not from the run's walk. clip applies to
+        images only (points have no bounded range)."""
+        options = self.config.sample.replace(**asked)
+        if options.steps is not None and options.steps > self.schedule.num_steps:
+            raise SettingError("steps", options.steps, f"this run has T = {self.schedule.num_steps}, "
+                                                       f"so use 1..{self.schedule.num_steps}")
+        return options if self.kind == "image" else options.replace(clip=False)
 
-        batch_size: how many to draw at once (default all n). seed: used when no generator is given.
-        clip applies to images only (points have no bounded range). cuda_graph: as in ``ddpm.sample``
-        (default: replay each step as a CUDA graph on a CUDA device).
+    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
+               clip: bool | None = None, options: SampleConfig | None = None, ema: bool = True,
+               batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
+               callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
+               cuda_graph: bool = False) -> Tensor:
+        """Draw ``n`` samples (n, *sample_shape) on the CPU with ``options`` (default: this run's
+        ``sample_options(sampler=..., steps=..., eta=..., clip=...)``).
+
+        batch_size: how many to draw at once (default all n); one progress bar covers them all.
+        seed: used when no generator is given. cuda_graph: as in ``ddpm.sample``.
         """
-        n = _count("n", n, "ask for at least 1 sample")
-        s = self.config.sample
-        sampler = s.sampler if sampler is None else sampler
-        steps = self.default_steps(sampler) if steps is None else steps
-        eta = (s.eta if sampler == s.sampler else 0.0) if eta is None else eta  # the run's eta is its DDIM's
-        clip = (s.clip if clip is None else clip) and self.kind == "image"
-        batch_size = n if batch_size is None else _count("batch_size", batch_size, "it must be at least 1")
+        n = whole_number("n", n)
+        if options is None:
+            options = self.sample_options(sampler=sampler, steps=steps, eta=eta, clip=clip)
+        batch_size = n if batch_size is None else whole_number("batch_size", batch_size)
         if generator is None:
             generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
         model = self.ema_model if ema else self.model.eval()
-        parts = []
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            parts.append(sample(model, self.schedule, (count, *self.sample_shape), sampler=sampler, steps=steps,
-                                eta=eta, clip_denoised=clip, prediction=self.config.diffusion.prediction,
-                                generator=generator, callback=callback, progress=progress,
-                                cuda_graph=cuda_graph).cpu())
-        return torch.cat(parts)
+        batches = range(0, n, batch_size)
+        walk = len(timestep_sequence(self.schedule.num_steps, options.steps, options.spacing))
+        with tqdm(total=len(batches) * walk, desc=f"sampling {n} ({options.sampler}, {walk} steps)",
+                  unit="step", disable=not progress, dynamic_ncols=True) as bar:
+            def each_step(step: SamplerStep) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(step)
 
-    def default_steps(self, sampler: str) -> int | None:
-        """The run's [sample] steps when ``sampler`` is the run's own sampler, else None (all T)."""
-        return self.config.sample.sample_steps if sampler == self.config.sample.sampler else None
+            parts = [sample_with(model, self.schedule, (min(batch_size, n - start), *self.sample_shape), options,
+                                 prediction=self.config.diffusion.prediction, generator=generator,
+                                 callback=each_step if progress else callback, cuda_graph=cuda_graph).cpu()
+                     for start in batches]
+        return torch.cat(parts)
 
     def to(self, device: torch.device | str) -> "Run":
         """Move the networks and the schedule to ``device`` (in place; returns self)."""
@@ -83,36 +92,6 @@ class Run:
 def load(path: str | Path, *, device: torch.device | str = "cpu") -> Run:
     """Load a run directory (its latest checkpoint) or one checkpoint folder. Reads only JSON and
     safetensors: nothing pickled is ever executed."""
-    from ddpm.training import build_schedule, resolve_device  # training imports heavy things only it needs
-
     if not isinstance(device, torch.device):
         device = resolve_device(device, setting="device")
-    checkpoint = ckpt.find_run_files(path)
-    metadata = ckpt.read_json(checkpoint / "config.json", "the checkpoint's config.json")
-    try:
-        config = config_from_dict(metadata["config"], where=str(checkpoint / "config.json"))
-        architecture: dict[str, Any] = metadata["model"]
-        kind, sample_shape = metadata["data"]["kind"], tuple(metadata["data"]["sample_shape"])
-    except (KeyError, TypeError):
-        raise ckpt.CheckpointError(f"{checkpoint / 'config.json'} is not a ddpm run config") from None
-    try:
-        model = build_model_from_dict(architecture)
-        ema_model = build_model_from_dict(architecture)
-    except ValueError as error:
-        raise ckpt.CheckpointError(f"{checkpoint / 'config.json'}: cannot rebuild the model ({error})") from None
-    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
-    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
-    if config.train.channels_last:  # sampling runs in fp32, where channels-last is the faster layout
-        use_channels_last(model)
-        use_channels_last(ema_model)
-    state = ckpt.read_json(checkpoint / "state.json", "training state")
-    run = Run(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
-              sample_shape, int(state.get("step", 0)), checkpoint)
-    return run.to(device)
-
-
-def _count(name: str, value: Any, allowed: str) -> int:
-    """``value`` as an int when it is a whole number >= 1 (numpy's included), else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} = {value!r} is not allowed; {allowed}")
-    return int(value)
+    return Run(*load_saved(path)).to(device)

@@ -15,11 +15,8 @@ and N processes take the same steps as one.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,33 +29,21 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoint as ckpt
 from ddpm import distributed
-from ddpm.config import Config, config_from_dict, config_to_dict
-from ddpm.data import DATASETS, Dataset, host_to_device, load_dataset, random_hflip
+from ddpm.build import build_model_for, build_schedule, load_training_data, resolve_device, wants_channels_last
+from ddpm.config import Config, config_from_dict
+from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
-from ddpm.models import build_model, model_config_dict, preset_config, use_channels_last
-from ddpm.models.mlp import ResidualMLPConfig
-from ddpm.sampling import sample
+from ddpm.metrics_log import Metrics, NoMetrics
+from ddpm.models import use_channels_last
+from ddpm.rundir import RunDirError, check_resume_config, prepare_run_dir, run_metadata, start_run_dir
+from ddpm.sampling import sample_with
 from ddpm.schedule import NoiseSchedule
 from ddpm.visualize import save_grid, scatter_png
 
 __all__ = [
-    "train", "TrainResult", "TrainingStopped", "Interrupted", "NonFiniteLoss", "ProcessGroupFailed", "RunDirError",
-    "resolve_device", "build_schedule", "build_model_for", "build_optimizer", "wants_channels_last",
-    "load_training_data", "DataOrder",
-    "RESUMABLE_FIELDS",
+    "train", "TrainResult", "TrainingStopped", "Interrupted", "NonFiniteLoss", "ProcessGroupFailed",
+    "build_optimizer", "DataOrder",
 ]
-
-FORMAT_VERSION = 1
-
-# Fields a resumed run may change: they decide when to stop and what to write, not what is computed
-# (grad_accum, like the number of processes, changes only the order in which gradients are added;
-# data_dir says only where the data files are, e.g. on another machine).
-RESUMABLE_FIELDS = {
-    "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.sample_every", "train.tensorboard", "train.wandb", "train.device", "train.compile", "train.grad_accum",
-    "train.channels_last", "train.fused_optimizer", "data.data_dir",
-    "sample.sampler", "sample.sample_steps", "sample.eta", "sample.clip", "sample.num_samples",
-}
 
 
 class TrainingStopped(Exception):
@@ -94,10 +79,6 @@ class ProcessGroupFailed(TrainingStopped):
         super().__init__(f"process group failed at step {step} on rank {rank} (a process died?): {first_line}; {kept}")
 
 
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked (one line for the user)."""
-
-
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
@@ -107,145 +88,7 @@ class TrainResult:
     seconds: float  # wall time of this invocation
 
 
-# --- building the pieces --------------------------------------------------------------------------
-
-def resolve_device(name: str, world: distributed.World = distributed.SINGLE, *,
-                   setting: str = "train.device") -> torch.device:
-    """The device ``name`` (given as ``setting``, which errors name) stands for; under torchrun "auto"
-    and "cuda" mean this process's GPU."""
-    if world.active and name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", world.local_rank)  # one GPU per process
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{_given(setting, name)} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{_given(setting, name)}, but CUDA is not available here; use cpu or auto")
-    return device
-
-
-def _given(setting: str, value: str) -> str:
-    return f"{setting} {value}" if setting.startswith("--") else f"{setting} = {value!r}"
-
-
-def build_schedule(config: Config) -> NoiseSchedule:
-    d = config.diffusion
-    return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
-
-
-def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, ...], *,
-                    seed: int | None = None) -> nn.Module:
-    """The network of ``config.model`` sized for the data (channels, image size) and for T."""
-    preset = config.model.preset
-    base = preset_config(preset)
-    fields = set(vars(base))
-    takes_points = isinstance(base, ResidualMLPConfig)
-    if takes_points != (dataset_kind == "points"):
-        wanted = "points (B, D): use --model mlp-2d" if dataset_kind == "points" else "images: use a U-Net or mlp-toy"
-        raise ValueError(f"model {preset!r} takes {'points' if takes_points else 'images'}, "
-                         f"but the data {config.data.source!r} is {wanted}")
-    fill: dict[str, Any] = {}
-    if takes_points:
-        fill["data_dim"] = sample_shape[0]
-    else:
-        channels, height, width = sample_shape
-        if height != width:
-            raise ValueError(f"the images are {height}x{width}; the models take square images: "
-                             f"set --image-size to resize and centre-crop them")
-        fill["in_channels" if "in_channels" in fields else "channels"] = channels
-        fill["image_size"] = height
-    if "num_steps" in fields:
-        fill["num_steps"] = config.diffusion.num_steps
-    overrides = dict(config.model.overrides)
-    for key, value in fill.items():
-        if key in overrides and overrides[key] != value:
-            raise ValueError(f"model.overrides sets {key} = {overrides[key]!r}, but the data and schedule "
-                             f"need {key} = {value!r}")
-    if config.model.dropout is not None:
-        if "dropout" not in fields:
-            raise ValueError(f"model {preset!r} has no dropout; leave --dropout unset")
-        fill["dropout"] = config.model.dropout
-    return build_model(preset, seed=seed, **{**overrides, **fill})
-
-
-def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str]]:
-    """The training set, a held-out set (or None) and notes for the user.
-
-    Built-in sets (MNIST and CIFAR-10 by name included) hold out from their test split; a path (a
-    folder, an array file, MNIST files given by path) holds out a random tenth (at most
-    ``data.heldout`` examples) of its own examples.
-    """
-    d = config.data
-    common = dict(image_size=d.image_size, channels=d.channels, seed=config.train.seed, data_dir=d.data_dir)
-    dataset = load_dataset(d.source, n=d.num_examples, **common)
-    notes = list(dataset.notes)
-    if len(dataset) == 0:
-        raise ValueError(f"the data {d.source!r} holds no examples")
-    if d.hflip and dataset.kind != "image":
-        raise ValueError("data.hflip flips images; the data is points")
-    if d.heldout == 0:
-        return dataset, None, notes
-    if d.source in DATASETS:  # every built-in set has a test split
-        heldout = load_dataset(d.source, n=d.heldout, split="test", **common).data
-        return dataset, heldout, notes
-    count = min(d.heldout, len(dataset) // 10)
-    if count == 0:
-        notes.append(f"{len(dataset)} examples are too few to hold any out; no held-out loss")
-        return dataset, None, notes
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.train.seed))
-    keep, out = order[count:].sort().values, order[:count].sort().values
-    labels = dataset.labels[keep] if dataset.labels is not None else None
-    train_set = Dataset(dataset.data[keep], dataset.kind, dataset.name, labels, dataset.notes, dataset.skipped)
-    return train_set, dataset.data[out], notes
-
-
-class DataOrder:
-    """Epochs of random permutations of N examples, read off in order: exactly resumable.
-
-    The state is the current permutation, the cursor into it and the generator that draws the next.
-    """
-
-    def __init__(self, num_examples: int, seed: int):
-        self.num_examples = num_examples
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(num_examples, generator=self.generator)
-        self.cursor = 0
-        self.epoch = 0
-
-    def next(self, count: int) -> Tensor:
-        """The next ``count`` example indices (crossing into new epochs as needed)."""
-        parts, needed = [], count
-        while needed:
-            if self.cursor == self.num_examples:
-                self.perm = torch.randperm(self.num_examples, generator=self.generator)
-                self.cursor, self.epoch = 0, self.epoch + 1
-            take = min(needed, self.num_examples - self.cursor)
-            parts.append(self.perm[self.cursor:self.cursor + take])
-            self.cursor += take
-            needed -= take
-        return torch.cat(parts)
-
-    def state(self) -> tuple[dict[str, Tensor], dict[str, int]]:
-        return ({"data.perm": self.perm, "rng.data": self.generator.get_state()},
-                {"data_cursor": self.cursor, "data_epoch": self.epoch})
-
-    def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        if tensors["data.perm"].numel() != self.num_examples:
-            raise ckpt.CheckpointError(f"the checkpoint's data order covers {tensors['data.perm'].numel()} examples, "
-                                       f"the data now has {self.num_examples}; resume with the same data")
-        self.perm = tensors["data.perm"].clone()
-        self.generator.set_state(tensors["rng.data"])
-        self.cursor, self.epoch = int(state["data_cursor"]), int(state["data_epoch"])
-
-
-def wants_channels_last(config: Config, device: torch.device) -> bool:
-    """Whether training lays the U-Nets out channels-last: ``train.channels_last``, except for bf16 on
-    a CPU, where torch 2.13's channels-last GroupNorm in bf16 is about 10x slower than the default
-    layout's and outweighs the faster convolutions (docs/performance.md)."""
-    return config.train.channels_last and not (device.type == "cpu" and config.train.precision == "bf16")
-
+# --- the pieces only the loop needs ----------------------------------------------------------------
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
     """AdamW over ``model``'s parameters; with ``train.fused_optimizer`` its fused kernel, which
@@ -253,147 +96,6 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
     t_cfg = config.train
     return torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay,
                              fused=True if t_cfg.fused_optimizer else None)
-
-
-# --- the run directory ----------------------------------------------------------------------------
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Check the run directory may be used; returns True when an existing run is to be resumed.
-
-    With ``overwrite`` an existing run is only checked here: it is deleted when the new run's first
-    file is written (``_start_run_dir``), so a setting or data that fails on the way loses nothing."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--out {run_dir} is a file; give a directory")
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    if resume:
-        if occupied and not (run_dir / "config.json").is_file():
-            raise RunDirError(f"--resume: {run_dir} is not a ddpm run directory (no config.json); nothing to resume")
-        return occupied
-    if not occupied:
-        return False
-    if not overwrite:
-        raise RunDirError(f"{run_dir} is not empty; add --resume to continue that run, --overwrite to replace "
-                          f"it, or choose another --out")
-    if not (run_dir / "config.json").is_file():
-        raise RunDirError(f"--overwrite replaces only a ddpm run directory (one with config.json); {run_dir} "
-                          f"is not one, so nothing was deleted")
-    return False
-
-
-def _start_run_dir(run_dir: Path, metadata: dict[str, Any], *, overwrite: bool) -> None:
-    """Write a new run's config.json, replacing the run prepare_run_dir let ``overwrite`` replace."""
-    if overwrite and (run_dir / "config.json").is_file():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(run_dir / "config.json", metadata)
-
-
-def run_metadata(config: Config, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
-    """What config.json holds: the config and what was resolved from it (architecture, data shape)."""
-    return {"format_version": FORMAT_VERSION, "config": config_to_dict(config), "model": model_config_dict(model),
-            "data": {"kind": dataset.kind, "sample_shape": list(dataset.sample_shape), "name": dataset.name}}
-
-
-def check_resume_config(saved: Config, asked: Config, changed: set[str]) -> Config:
-    """The saved config with the allowed changes of ``asked`` applied; other changes are an error.
-
-    changed: the fields the user set ("train.steps", ...), and "preset" when a preset was named."""
-    saved_dict, asked_dict = config_to_dict(saved), config_to_dict(asked)
-    if "preset" in changed and saved.preset != asked.preset:
-        raise RunDirError(f"cannot change the preset when resuming (the run was trained with preset "
-                          f"{saved.preset!r}); leave --preset out to continue it")
-    for name in sorted(changed - {"preset"}):
-        section, key = name.split(".")
-        if saved_dict[section][key] != asked_dict[section][key] and name not in RESUMABLE_FIELDS:
-            raise RunDirError(f"cannot change {name} when resuming (the run has {saved_dict[section][key]!r}); "
-                              f"resumable changes: {', '.join(sorted(RESUMABLE_FIELDS))}")
-        saved_dict[section][key] = asked_dict[section][key]
-    return config_from_dict(saved_dict)
-
-
-# --- logging --------------------------------------------------------------------------------------
-
-class Metrics:
-    """metrics.jsonl, plus TensorBoard and wandb when asked for and installed."""
-
-    def __init__(self, run_dir: Path, config: Config, resume_step: int, notes: list[str]):
-        self.path = run_dir / "metrics.jsonl"
-        resumed = self.path.exists()  # a new run's directory has none
-        if resumed:
-            # Drop what a killed run logged after its last checkpoint (all of it if it had none yet):
-            # those steps are redone.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and _line_step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.tensorboard = None
-        self.wandb = None
-        if config.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"),
-                                                 purge_step=resume_step if resumed else None)
-            except ImportError:
-                notes.append("TensorBoard logging skipped: the tensorboard package is not installed "
-                             "(pip install tensorboard); metrics are in metrics.jsonl")
-        if config.train.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project="ddpm", name=run_dir.name, dir=str(run_dir),
-                                    config=config_to_dict(config), resume="allow")
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()}}
-        self.file.write(json.dumps(ckpt.strict_json(record), allow_nan=False) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _line_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 0
-
-
-class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
-
-    def __init__(self, world: distributed.World = distributed.SINGLE) -> None:
-        self.world = world
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __exit__(self, exc_type: Any, error: BaseException | None, traceback: Any) -> None:
-        # When a collective failed, the launcher (torchrun) is already stopping the other processes with
-        # SIGTERM. Restoring the default handler would let that signal kill this process before it has
-        # reported the failure in one line, so from here on the signals are ignored: the process exits by
-        # itself right after its report (and torchrun kills it anyway if it ever hung).
-        ending = error is not None and self.world.active and distributed.is_failure(error)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, signal.SIG_IGN if ending else handler)
 
 
 # --- one step -------------------------------------------------------------------------------------
@@ -437,9 +139,10 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
           log: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> TrainResult:
     """Train ``config`` into ``run_dir`` (Algorithm 1); with ``resume`` continue its latest checkpoint.
 
-    changed: the config fields the user set explicitly; on resume only ``RESUMABLE_FIELDS`` may differ
-    from the saved run. Raises Interrupted on SIGINT/SIGTERM (after writing a checkpoint),
-    NonFiniteLoss on a nan/inf loss (writing nothing), ValueError for unusable settings. Under torchrun
+    changed: the config fields the user set explicitly; on resume only the resumable ones
+    (config.resumable_fields) may differ from the saved run. Raises Interrupted on SIGINT/SIGTERM
+    (after writing a checkpoint), NonFiniteLoss on a nan/inf loss (writing nothing), ValueError for
+    unusable settings. Under torchrun
     every process calls this; rank 0 alone writes, and ProcessGroupFailed says when another process died.
     """
     world = distributed.World.from_env()
@@ -499,7 +202,7 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     metadata = run_metadata(config, model, dataset)
     step = 0
     if checkpoint is not None:
-        step = _restore(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
+        step = ckpt.restore_training_state(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
         notes.append(f"resuming {run_dir} from {checkpoint.name}")
     if step > t_cfg.steps:
         raise RunDirError(f"the run is already at step {step}, past train.steps = {t_cfg.steps}; "
@@ -508,7 +211,7 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
         notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
                      f"(global batch {t_cfg.batch_size})")
     if not resuming and world.is_main:
-        _start_run_dir(run_dir, metadata, overwrite=overwrite)
+        start_run_dir(run_dir, metadata, overwrite=overwrite)
     return _Setup(config, dataset, heldout, dataset.data.to(device), build_schedule(config).to(device), model,
                   ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
@@ -518,7 +221,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     started = time.perf_counter()
     run = _set_up(config, run_dir, world, device, resume=resume, overwrite=overwrite, changed=changed)
     config, t_cfg, step, last_checkpoint = run.config, run.config.train, run.step, run.checkpoint
-    metrics = Metrics(run_dir, config, step, run.notes) if world.is_main else _NoMetrics()
+    metrics = Metrics(run_dir, config, step, run.notes) if world.is_main else NoMetrics()
     for note in run.notes:
         log(note)
     shared_model = world.wrap(run.model, device)  # sums gradients over the processes in backward
@@ -534,14 +237,14 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     def save() -> Path:
         window.raise_if_non_finite(last_checkpoint)  # a checkpoint never holds weights a bad step made
         if world.is_main:
-            tensors, state = _training_state(run.optimizer, run.order, run.noise_generator)
+            tensors, state = ckpt.training_state(run.optimizer, run.order, run.noise_generator)
             ckpt.save_checkpoint(run_dir, step, model=run.model, ema_model=run.ema_model, tensors=tensors,
                                  state={**state, "step": step}, config=run.metadata, keep=t_cfg.keep_checkpoints)
         world.barrier()  # no process leaves (or is stopped by torchrun) while rank 0 is writing
         return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
     try:
-        with _StopSignals(world) as stop:
+        with distributed.StopSignals(world) as stop:
             run.model.train()
             while step < t_cfg.steps:
                 losses, t, grad_norm = _step(run, step, shared_model, train_model, autocast, world)
@@ -619,16 +322,6 @@ def _check_shares(config: Config, world: distributed.World) -> None:
     if t_cfg.batch_size % (world.size * t_cfg.grad_accum):
         raise ValueError(f"train.batch_size = {t_cfg.batch_size} (the global batch) must be divisible by the number "
                          f"of processes times train.grad_accum = {world.size} x {t_cfg.grad_accum}")
-
-
-class _NoMetrics:
-    """What processes other than rank 0 log to: nothing."""
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class _Window:
@@ -725,9 +418,8 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
     s = config.sample
     generator = torch.Generator(schedule.device).manual_seed(config.train.seed + 4)
     shape = (s.num_samples, *dataset.sample_shape)
-    x = sample(ema_model, schedule, shape, sampler=s.sampler, steps=s.sample_steps, eta=s.eta,
-               clip_denoised=s.clip and dataset.kind == "image", prediction=config.diffusion.prediction,
-               generator=generator)
+    options = s if dataset.kind == "image" else s.replace(clip=False)  # points have no bounded range
+    x = sample_with(ema_model, schedule, shape, options, prediction=config.diffusion.prediction, generator=generator)
     path.parent.mkdir(parents=True, exist_ok=True)
     if dataset.kind == "image":
         save_grid(x.clamp(-1, 1).cpu(), path)
@@ -737,54 +429,4 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
                     titles=["data" + dims, path.stem.replace("_", " ") + dims])
 
 
-def _training_state(optimizer: torch.optim.Optimizer, order: DataOrder,
-                    noise_generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors, optimizer_meta = ckpt.optimizer_state_to_tensors(optimizer)
-    data_tensors, data_state = order.state()
-    tensors.update(data_tensors)
-    tensors["rng.noise"] = noise_generator.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    return tensors, {"format_version": FORMAT_VERSION, "optimizer": optimizer_meta, **data_state}
 
-
-def _restore(checkpoint: Path, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
-             order: DataOrder, noise_generator: torch.Generator, device: torch.device) -> int:
-    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
-    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
-    tensors = ckpt.load_tensors(checkpoint / "state.safetensors", "training state")
-    state = ckpt.read_json(checkpoint / "state.json", "training state")
-    required = ("data.perm", "rng.data", "rng.noise", "rng.torch")
-    missing = [k for k in required if k not in tensors] + [k for k in ("step", "optimizer", "data_cursor")
-                                                             if k not in state]
-    if missing:
-        raise ckpt.CheckpointError(f"{checkpoint} is not a ddpm training checkpoint ({missing[0]} missing)")
-    try:
-        # The optimiser moves its moments to the parameters' device itself.
-        optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(tensors, state["optimizer"]))
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise ckpt.CheckpointError(f"{checkpoint}: the optimiser state does not fit the model ({error})") from None
-    for group in optimizer.param_groups:  # the checkpoint's groups carry its run's choice; keep this run's
-        group["fused"] = optimizer.defaults["fused"]
-    _lay_out_like_parameters(optimizer)
-    order.load_state(tensors, state)
-    noise_generator.set_state(tensors["rng.noise"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(state["step"])
-
-
-def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
-    """Give each moment tensor its parameter's memory layout (checkpoints store them contiguous).
-
-    Fused AdamW on a CPU walks a parameter and its moments as flat memory: a channels-last weight
-    with contiguous moments pairs each weight with another weight's moments, silently (seen with
-    torch 2.13: updates off by 0.3 at lr 0.1). Matching layouts also make a resumed run bitwise
-    identical to an uninterrupted one.
-    """
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, Tensor) and value.shape == param.shape and value.stride() != param.stride():
-                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ddpm.data import DataError, load_dataset
+from ddpm.config import SampleConfig
+from ddpm.data import NoSplitsError, load_dataset
 from ddpm.data.registry import DATASETS, Dataset, is_generated
 from ddpm.diffusion import variational_bound
 from ddpm.evaluation.metrics import energy_distance, feature_statistics, frechet_distance, square_error
@@ -45,12 +46,10 @@ class EvalOptions:
 
     num: int = 1000  # samples to draw for the sample-based metrics
     heldout: int = 100  # held-out examples for bpd (each costs T network calls)
-    sampler: str | None = None  # None: the run's [sample] sampler
-    steps: int | None = None  # None: the run's sample steps for its own sampler, else all T
-    eta: float | None = None
+    sample: SampleConfig | None = None  # how samples are drawn; None: the run's (Run.sample_options())
     batch_size: int = 250
     seed: int = 0
-    variance: str = "fixed_large"  # sigma_t^2 of the bound's reverse steps (see diffusion.variational_bound)
+    bound_variance: str = "fixed_large"  # sigma_t^2 of the bound's reverse steps (see diffusion.variational_bound)
     data_dir: str | None = None  # where MNIST / CIFAR-10 are, if not where the run was trained
     inception_weights: str | None = None
     progress: bool = True
@@ -124,9 +123,7 @@ class _Evaluation:
         generated = is_generated(d.source)
         try:
             data = load_dataset(d.source, split="test", n=n if generated else None, seed=seed, **common)
-        except DataError as error:
-            if "has no splits" not in str(error):
-                raise
+        except NoSplitsError:
             data = load_dataset(d.source, seed=seed, **common)
         if len(data) <= n:
             return data
@@ -143,18 +140,20 @@ class _Evaluation:
         return None if d.source in DATASETS else d.source
 
     @cached_property
+    def sample_options(self) -> SampleConfig:
+        return self.options.sample or self.run.sample_options()
+
+    @cached_property
     def samples(self) -> Tensor:
         """The run's samples (num, ...): images clipped and rounded to 8 bits, as a saved PNG would hold."""
         o = self.options
-        x = self.run.sample(o.num, sampler=o.sampler, steps=o.steps, eta=o.eta, batch_size=o.batch_size,
-                            seed=o.seed, progress=o.progress)
+        x = self.run.sample(o.num, options=self.sample_options, batch_size=o.batch_size, seed=o.seed,
+                            progress=o.progress)
         return _quantize(x) if self.run.kind == "image" else x
 
     def sampler_description(self) -> str:
-        o, run = self.options, self.run
-        sampler = o.sampler or run.config.sample.sampler
-        steps = o.steps if o.steps is not None else run.default_steps(sampler)
-        return f"{sampler}, {steps or run.schedule.num_steps} steps"
+        options = self.sample_options
+        return f"{options.sampler}, {options.steps or self.run.schedule.num_steps} steps"
 
 
 def _quantize(images: Tensor) -> Tensor:
@@ -170,7 +169,7 @@ def _bpd(e: _Evaluation) -> dict[str, Any]:
     images = run.kind == "image"
     x0 = _quantize(data) if images else data
     bound = variational_bound(run.ema_model, run.schedule, x0.to(run.schedule.device),
-                              prediction=run.config.diffusion.prediction, variance=o.variance,
+                              prediction=run.config.diffusion.prediction, variance=o.bound_variance,
                               decoder="discretized" if images else "gaussian",
                               generator=torch.Generator(run.schedule.device).manual_seed(o.seed), progress=o.progress)
     total = bound.total.cpu()
@@ -183,7 +182,7 @@ def _bpd(e: _Evaluation) -> dict[str, Any]:
         "kl_terms": float(terms[1:].sum()),
         "examples": len(total),
         "decoder_kind": "discretized (8-bit)" if images else "gaussian (continuous; can be negative)",
-        "variance": o.variance,
+        "variance": o.bound_variance,
     }
 
 

@@ -1,0 +1,167 @@
+"""Building what a run trains or samples with, from its Config or from what it saved: the device,
+the noise schedule, the network and the data. Training, ``ddpm.load``, the command line and
+evaluation all build through here, so a run is rebuilt the way it was built.
+
+    device = resolve_device("auto")
+    schedule = build_schedule(config)
+    dataset, heldout, notes = load_training_data(config)
+    model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=0)
+    saved = load_saved("runs/mnist")        # config, both networks, schedule, data shape, step (on the CPU)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ddpm import checkpoint as ckpt
+from ddpm import distributed
+from ddpm.config import Config, config_from_dict
+from ddpm.data import DATASETS, Dataset, load_dataset
+from ddpm.models import build_model, build_model_from_dict, preset_config, use_channels_last
+from ddpm.models.mlp import ResidualMLPConfig
+from ddpm.schedule import NoiseSchedule
+from ddpm.validation import SettingError
+
+__all__ = ["resolve_device", "build_schedule", "build_model_for", "load_training_data", "wants_channels_last",
+           "Saved", "load_saved"]
+
+
+def resolve_device(name: str, world: distributed.World = distributed.SINGLE, *,
+                   setting: str = "train.device") -> torch.device:
+    """The device ``name`` (given as ``setting``, which errors name) stands for; under torchrun "auto"
+    and "cuda" mean this process's GPU."""
+    if world.active and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)  # one GPU per process
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SettingError(setting, name, "use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. meta, which holds no values
+        raise SettingError(setting, name, "use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(setting, name, "CUDA is not available here; use cpu or auto")
+    return device
+
+
+def build_schedule(config: Config) -> NoiseSchedule:
+    d = config.diffusion
+    return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, ...], *,
+                    seed: int | None = None) -> nn.Module:
+    """The network of ``config.model`` sized for the data (channels, image size) and for T."""
+    preset = config.model.preset
+    base = preset_config(preset)
+    fields = set(vars(base))
+    takes_points = isinstance(base, ResidualMLPConfig)
+    if takes_points != (dataset_kind == "points"):
+        wanted = "points (B, D): use --model mlp-2d" if dataset_kind == "points" else "images: use a U-Net or mlp-toy"
+        raise ValueError(f"model {preset!r} takes {'points' if takes_points else 'images'}, "
+                         f"but the data {config.data.source!r} is {wanted}")
+    fill: dict[str, Any] = {}
+    if takes_points:
+        fill["data_dim"] = sample_shape[0]
+    else:
+        channels, height, width = sample_shape
+        if height != width:
+            raise ValueError(f"the images are {height}x{width}; the models take square images: "
+                             f"set --image-size to resize and centre-crop them")
+        fill["in_channels" if "in_channels" in fields else "channels"] = channels
+        fill["image_size"] = height
+    if "num_steps" in fields:
+        fill["num_steps"] = config.diffusion.num_steps
+    overrides = dict(config.model.overrides)
+    for key, value in fill.items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"model.overrides sets {key} = {overrides[key]!r}, but the data and schedule "
+                             f"need {key} = {value!r}")
+    if config.model.dropout is not None:
+        if "dropout" not in fields:
+            raise ValueError(f"model {preset!r} has no dropout; leave --dropout unset")
+        fill["dropout"] = config.model.dropout
+    return build_model(preset, seed=seed, **{**overrides, **fill})
+
+
+def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str]]:
+    """The training set, a held-out set (or None) and notes for the user.
+
+    Built-in sets (MNIST and CIFAR-10 by name included) hold out from their test split; a path (a
+    folder, an array file, MNIST files given by path) holds out a random tenth (at most
+    ``data.heldout`` examples) of its own examples.
+    """
+    d = config.data
+    common = dict(image_size=d.image_size, channels=d.channels, seed=config.train.seed, data_dir=d.data_dir)
+    dataset = load_dataset(d.source, n=d.num_examples, **common)
+    notes = list(dataset.notes)
+    if len(dataset) == 0:
+        raise ValueError(f"the data {d.source!r} holds no examples")
+    if d.hflip and dataset.kind != "image":
+        raise ValueError("data.hflip flips images; the data is points")
+    if d.heldout == 0:
+        return dataset, None, notes
+    if d.source in DATASETS:  # every built-in set has a test split
+        heldout = load_dataset(d.source, n=d.heldout, split="test", **common).data
+        return dataset, heldout, notes
+    count = min(d.heldout, len(dataset) // 10)
+    if count == 0:
+        notes.append(f"{len(dataset)} examples are too few to hold any out; no held-out loss")
+        return dataset, None, notes
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.train.seed))
+    keep, out = order[count:].sort().values, order[:count].sort().values
+    labels = dataset.labels[keep] if dataset.labels is not None else None
+    train_set = Dataset(dataset.data[keep], dataset.kind, dataset.name, labels, dataset.notes, dataset.skipped)
+    return train_set, dataset.data[out], notes
+
+
+def wants_channels_last(config: Config, device: torch.device) -> bool:
+    """Whether training lays the U-Nets out channels-last: ``train.channels_last``, except for bf16 on
+    a CPU, where torch 2.13's channels-last GroupNorm in bf16 is about 10x slower than the default
+    layout's and outweighs the faster convolutions (docs/performance.md)."""
+    return config.train.channels_last and not (device.type == "cpu" and config.train.precision == "bf16")
+
+
+class Saved(NamedTuple):
+    """A saved run's pieces, rebuilt on the CPU from its config.json and safetensors files."""
+
+    config: Config
+    model: nn.Module  # the raw weights
+    ema_model: nn.Module  # their moving average
+    schedule: NoiseSchedule
+    kind: str  # "image" or "points"
+    sample_shape: tuple[int, ...]  # (C, H, W) or (D,)
+    step: int  # training steps behind these weights
+    checkpoint: Path
+
+
+def load_saved(path: str | Path) -> Saved:
+    """A run directory (its latest checkpoint) or one checkpoint folder, rebuilt on the CPU. Reads only
+    JSON and safetensors: nothing pickled is ever executed."""
+    checkpoint = ckpt.find_run_files(path)
+    where = checkpoint / "config.json"
+    metadata = ckpt.read_json(where, "the checkpoint's config.json")
+    try:
+        config = config_from_dict(metadata["config"], where=str(where))
+        architecture: dict[str, Any] = metadata["model"]
+        kind, sample_shape = metadata["data"]["kind"], tuple(metadata["data"]["sample_shape"])
+    except (KeyError, TypeError):
+        raise ckpt.CheckpointError(f"{where} is not a ddpm run config") from None
+    try:
+        model = build_model_from_dict(architecture)
+        ema_model = build_model_from_dict(architecture)
+    except ValueError as error:
+        raise ckpt.CheckpointError(f"{where}: cannot rebuild the model ({error})") from None
+    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
+    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
+    if config.train.channels_last:  # sampling runs in fp32, where channels-last is the faster layout
+        use_channels_last(model)
+        use_channels_last(ema_model)
+    state = ckpt.read_json(checkpoint / "state.json", "training state")
+    return Saved(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
+                 sample_shape, int(state.get("step", 0)), checkpoint)
