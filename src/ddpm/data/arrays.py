@@ -1,12 +1,17 @@
 """Datasets stored as numpy ``.npy`` / ``.npz`` files: points (N, D) or images (N, H, W[, C]).
 
-Loaded with ``allow_pickle=False``: an object array would need pickle, which can run code.
+Loaded with ``allow_pickle=False``: an object array would need pickle, which can run code. Each
+array's header is read first, so that a file whose header declares more bytes than it holds, or more
+than this machine's memory, is refused in one line before numpy allocates anything.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -14,11 +19,13 @@ from torch import Tensor
 
 from ddpm.data.errors import DataError
 from ddpm.data.transforms import uint8_to_float
+from ddpm.resources import human_bytes, memory_bytes
 
 __all__ = ["ArrayData", "load_array", "array_to_tensor"]
 
 _DATA_KEYS = ("data", "images", "points", "x")  # the array an .npz's dataset is read from, first found
 _LABEL_KEYS = ("labels", "y")
+_ZIP_PREFIX = b"PK\x03\x04"  # what np.load takes for an .npz (a zip whose first entry starts here)
 
 
 class ArrayData(NamedTuple):
@@ -32,6 +39,7 @@ def load_array(path: str | Path) -> ArrayData:
     """Read a .npy (the data) or .npz (data under "data"/"images"/"points"/"x" or its only array;
     labels under "labels"/"y" when present)."""
     path = Path(path)
+    _check_headers(path)
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as err:  # numpy's refusal of object arrays, or a malformed header
@@ -54,6 +62,52 @@ def load_array(path: str | Path) -> ArrayData:
     if labels is not None and labels.shape != (len(data),):
         raise DataError(f"{path}: {label_key!r} has shape {labels.shape}, expected ({len(data)},) to match the data")
     return ArrayData(data, labels)
+
+
+def _check_headers(path: Path) -> None:
+    """Read the .npy header of the file, or of each .npy member of an .npz, and refuse what it declares
+    when the file cannot hold it or memory cannot. Other files are left to np.load to judge."""
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(len(np.lib.format.MAGIC_PREFIX))
+            fp.seek(0)
+            if prefix == np.lib.format.MAGIC_PREFIX:
+                _check_header(fp, os.fstat(fp.fileno()).st_size, str(path), "the file")
+            elif prefix.startswith(_ZIP_PREFIX):
+                with zipfile.ZipFile(fp) as archive:
+                    for member in archive.infolist():
+                        if member.filename.endswith(".npy"):  # what np.load reads as arrays
+                            with archive.open(member) as stream:
+                                _check_header(stream, member.file_size, f"{path} (member {member.filename})",
+                                              "the member")
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def _check_header(fp: BinaryIO, size: int, source: str, holder: str) -> None:
+    """fp: at the start of a .npy stream of ``size`` bytes; source, holder: how messages name it."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            return  # np.load refuses it, naming the versions it reads
+        # 3.0 differs from 2.0 only in the header's text encoding (utf8, for field names).
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fp)
+    except ValueError as err:  # short or malformed magic or header
+        raise DataError(f"{source} has a malformed .npy header: {err}") from err
+    if dtype.hasobject:  # stored pickled, so its size is not in the header; np.load refuses it anyway
+        return
+    count = math.prod(shape)
+    declared, held = count * dtype.itemsize, size - fp.tell()
+    if declared > held:
+        raise DataError(f"{source} is damaged or truncated: the header declares {declared} bytes "
+                        f"(shape {shape}, {dtype}), {holder} holds {held}; write or download it again")
+    # At least the array as stored, or the float32 tensor made from it, whichever is larger.
+    needed, available = max(declared, 4 * count), memory_bytes()
+    if needed > available:
+        raise DataError(f"{source} declares an array of shape {shape} ({dtype}) that needs at least "
+                        f"{human_bytes(needed)} to load, more than this machine's memory "
+                        f"({human_bytes(available)}); store fewer or smaller examples in the file")
 
 
 def array_to_tensor(array: np.ndarray, source: str) -> tuple[Tensor, str]:
