@@ -11,6 +11,7 @@ evaluation all build through here, so a run is rebuilt the way it was built.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ from ddpm.config import Config, config_from_dict
 from ddpm.data import DATASETS, Dataset, load_dataset
 from ddpm.models import build_model, build_model_from_dict, preset_config, use_channels_last
 from ddpm.models.mlp import ResidualMLPConfig
+from ddpm.resources import ResourceError, check_fits
 from ddpm.schedule import NoiseSchedule
 from ddpm.validation import SettingError
 
@@ -51,6 +53,8 @@ def resolve_device(name: str, world: distributed.World = distributed.SINGLE, *,
 
 def build_schedule(config: Config) -> NoiseSchedule:
     d = config.diffusion
+    # About 30 tables of T float64 or float32 numbers while they are made.
+    check_fits(f"the noise schedule's tables (T = {d.num_steps})", 30 * 8.0 * d.num_steps, "diffusion.num_steps")
     return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
 
 
@@ -86,7 +90,25 @@ def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, 
         if "dropout" not in fields:
             raise ValueError(f"model {preset!r} has no dropout; leave --dropout unset")
         fill["dropout"] = config.model.dropout
-    return build_model(preset, seed=seed, **{**overrides, **fill})
+    settings = {**overrides, **fill}
+    setting = "model.preset or model.overrides" + (" (or diffusion.num_steps: the network keeps a row per "
+                                                    "timestep)" if "num_steps" in fields else "")
+    check_model_fits(build_model(preset, device="meta", **settings), TRAINING_COPIES, setting, config.train.device)
+    return build_model(preset, seed=seed, **settings)
+
+
+# A training run keeps 5 float32 copies of the weights' size (weights, gradients, EMA, AdamW's two
+# moments); a loaded run 2 (weights and EMA). Activations come on top: this only refuses what
+# clearly cannot fit.
+TRAINING_COPIES, LOADED_COPIES = 5, 2
+
+
+def check_model_fits(model: nn.Module, copies: int, setting: str, device: str = "cpu") -> None:
+    """Refuse, in one line naming ``setting``, a network (built on the meta device: shapes only) whose
+    ``copies`` float32 copies exceed the memory of ``device``."""
+    count = sum(p.numel() for p in model.parameters())
+    check_fits(f"the model ({count:,} parameters, {copies} copies)", 4.0 * count * copies, setting,
+               "cpu" if device == "auto" else device)
 
 
 def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str]]:
@@ -142,26 +164,56 @@ class Saved(NamedTuple):
 
 def load_saved(path: str | Path) -> Saved:
     """A run directory (its latest checkpoint) or one checkpoint folder, rebuilt on the CPU. Reads only
-    JSON and safetensors: nothing pickled is ever executed."""
-    checkpoint = ckpt.find_run_files(path)
+    JSON and safetensors: nothing pickled is ever executed.
+
+    A run that is training may replace and prune its checkpoints while they are read: a checkpoint
+    that vanishes under the reader is read again from what ``latest`` names then."""
+    for attempt in range(_READ_ATTEMPTS):
+        named = _latest_name(path)
+        try:
+            return _load_checkpoint(ckpt.find_run_files(path))
+        except ckpt.CheckpointError:
+            moved = named is not None and (_latest_name(path) != named
+                                           or not (Path(path) / "checkpoints" / named).is_dir())
+            if not moved or attempt == _READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))  # the writer moved on: read what latest names now
+    raise AssertionError("unreachable")
+
+
+def _latest_name(path: str | Path) -> str | None:
+    """What a run directory's checkpoints/latest names now (None for a checkpoint folder, or none yet)."""
+    try:
+        return (Path(path) / "checkpoints" / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError, TypeError):
+        return None
+
+
+_READ_ATTEMPTS = 10
+
+
+def _load_checkpoint(checkpoint: Path) -> Saved:
+    # One consistent snapshot, read before anything is built (the optimiser's state is not needed here).
+    files = ckpt.read_checkpoint(checkpoint, ("config.json", "model.safetensors", "ema.safetensors", "state.json"))
     where = checkpoint / "config.json"
-    metadata = ckpt.read_json(where, "the checkpoint's config.json")
+    metadata = ckpt.read_run_config(where, files["config.json"])
+    config = config_from_dict(metadata["config"], where=str(where))
+    kind, sample_shape = metadata["data"]["kind"], tuple(metadata["data"]["sample_shape"])
     try:
-        config = config_from_dict(metadata["config"], where=str(where))
-        architecture: dict[str, Any] = metadata["model"]
-        kind, sample_shape = metadata["data"]["kind"], tuple(metadata["data"]["sample_shape"])
-    except (KeyError, TypeError):
-        raise ckpt.CheckpointError(f"{where} is not a ddpm run config") from None
-    try:
-        model = build_model_from_dict(architecture)
-        ema_model = build_model_from_dict(architecture)
+        check_model_fits(build_model_from_dict(metadata["model"], device="meta"), LOADED_COPIES,
+                         f"the 'model' of {where}")
+        model = build_model_from_dict(metadata["model"])
+        ema_model = build_model_from_dict(metadata["model"])
+    except ResourceError:
+        raise
     except ValueError as error:
         raise ckpt.CheckpointError(f"{where}: cannot rebuild the model ({error})") from None
-    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights")
-    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights")
+    ckpt.load_weights(model, checkpoint / "model.safetensors", "model weights", files["model.safetensors"])
+    ckpt.load_weights(ema_model, checkpoint / "ema.safetensors", "EMA weights", files["ema.safetensors"])
     if config.train.channels_last:  # sampling runs in fp32, where channels-last is the faster layout
         use_channels_last(model)
         use_channels_last(ema_model)
-    state = ckpt.read_json(checkpoint / "state.json", "training state")
+    state = ckpt.check_state(ckpt.read_json(checkpoint / "state.json", "training state", files["state.json"]),
+                             checkpoint / "state.json")
     return Saved(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
-                 sample_shape, int(state.get("step", 0)), checkpoint)
+                 sample_shape, state["step"], checkpoint)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -214,12 +215,11 @@ _GIF_FRAMES = 60
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     import ddpm
     from ddpm.build import resolve_device
-    from ddpm.visualize import save_grid, save_images, scatter_png, to_uint8
+    from ddpm.checkpoint import StorageError, describe_os_error
 
     run_path = Path(args.run)
     out = _sample_output(args, run_path)
@@ -259,6 +259,22 @@ def _sample(args: argparse.Namespace) -> int:
 
     samples = run.sample(args.num, options=options, ema=not args.raw, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
                          callback=record if trajectory is not None else None, cuda_graph=args.cuda_graph)
+    try:
+        _write_samples(samples, out, args, run.kind)
+        if trajectory is not None:
+            _save_trajectory(frames, labels, trajectory, run.kind)
+    except OSError as error:
+        raise StorageError(describe_os_error(error, getattr(error, "filename", None) or out)) from None
+    what = f"{len(samples)} samples ({options.sampler}, {options.steps or run.schedule.num_steps} steps, seed {args.seed})"
+    print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
+    return 0
+
+
+def _write_samples(samples: Any, out: Path, args: argparse.Namespace, kind: str) -> None:
+    import numpy as np
+
+    from ddpm.visualize import save_grid, save_images, scatter_png, to_uint8
+
     out.parent.mkdir(parents=True, exist_ok=True)
     if _is_dir_target(args.out):
         for earlier in out.glob("*.png") if out.is_dir() else ():
@@ -266,18 +282,13 @@ def _sample(args: argparse.Namespace) -> int:
                 earlier.unlink()
         save_images(samples.clamp(-1, 1), out)
     elif out.suffix.lower() == ".npz":
-        array = to_uint8(samples.clamp(-1, 1)).numpy() if run.kind == "image" else samples.float().numpy()
+        array = to_uint8(samples.clamp(-1, 1)).numpy() if kind == "image" else samples.float().numpy()
         with open(out, "wb") as file:  # by name, np.savez would add ".npz" to "x.NPZ"
             np.savez(file, arr_0=array)
-    elif run.kind == "image":
+    elif kind == "image":
         save_grid(samples.clamp(-1, 1), out)
     else:
         scatter_png([samples[:, :2]], out, titles=[f"{len(samples)} samples"])
-    if trajectory is not None:
-        _save_trajectory(frames, labels, trajectory, run.kind)
-    what = f"{len(samples)} samples ({options.sampler}, {options.steps or run.schedule.num_steps} steps, seed {args.seed})"
-    print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
-    return 0
 
 
 def _is_dir_target(text: str | None) -> bool:
@@ -457,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ddpm.distributed import launched
 
     keep_freed_memory()  # fewer page faults in every step of training and sampling (ddpm/allocator.py)
+    if hasattr(signal, "SIGXFSZ"):  # past the file-size limit a write fails (EFBIG) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     code = _run(argv)
     if launched():
         # Under torchrun, once everything is written, flushed and the process group is gone, the
@@ -485,8 +498,11 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("ddpm: interrupted", file=sys.stderr)
         return 130
-    except OSError as error:
-        print(f"ddpm: error: {_one_line(error)}", file=sys.stderr)
+    except OSError as error:  # a file that could not be written or read: where, why, what to do
+        from ddpm.checkpoint import StorageError, describe_os_error
+
+        text = str(error) if isinstance(error, StorageError) else describe_os_error(error, doing="use")
+        print(f"ddpm: error: {_one_line(text)}", file=sys.stderr)
         return 1
     except Exception as error:  # a bug: say so in one line, keep the traceback for those who ask
         if os.environ.get("DDPM_DEBUG"):

@@ -368,15 +368,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"config file {str(path)!r}: use a .toml or .json file")
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix == ".json":
-            return json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        layer = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}") from None
-    raise ValueError(f"config file {str(path)!r}: use a .toml or .json file")
+    if not isinstance(layer, dict):
+        raise ValueError(f"config file {str(path)!r} holds a {type(layer).__name__}; it must be a table of "
+                         f"[section] fields, e.g. {{\"train\": {{\"steps\": 100}}}}")
+    return layer
 
 
 def resumable_fields() -> set[str]:

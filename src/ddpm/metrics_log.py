@@ -4,6 +4,7 @@ for. Only rank 0 logs; the other processes get ``NoMetrics``."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ddpm import checkpoint as ckpt
@@ -19,12 +20,11 @@ class Metrics:
         self.path = run_dir / "metrics.jsonl"
         resumed = self.path.exists()  # a new run's directory has none
         if resumed:
-            # Drop what a killed run logged after its last checkpoint (all of it if it had none yet):
-            # those steps are redone.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and _line_step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.file = open(self.path, "a", encoding="utf-8")
+            _cut_back(self.path, resume_step)
+        try:
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as error:
+            raise ckpt.StorageError(ckpt.describe_os_error(error, self.path)) from None
         self.tensorboard = None
         self.wandb = None
         if config.train.tensorboard:
@@ -45,8 +45,11 @@ class Metrics:
 
     def log(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **{k: round(v, 7) if isinstance(v, float) else v for k, v in values.items()}}
-        self.file.write(json.dumps(ckpt.strict_json(record), allow_nan=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(ckpt.strict_json(record), allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise ckpt.StorageError(ckpt.describe_os_error(error, self.path)) from None
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(key, value, step)
@@ -54,18 +57,42 @@ class Metrics:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # every line was flushed when it was logged
+        except OSError:
+            pass
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def _line_step(line: str) -> int:
+def _cut_back(path: Path, resume_step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint (all of it if it had none yet: those
+    steps are redone) and any torn or damaged line, by writing the kept lines to a new file and
+    renaming it over the old one: a failed write (disk full) leaves the history as it was."""
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (step := _line_step(line)) is not None and step <= resume_step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return 0
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in kept))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise ckpt.StorageError(ckpt.describe_os_error(error, path)) from None
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a whole metrics line; None for a torn or damaged one."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class NoMetrics:

@@ -43,9 +43,19 @@ class DataOrder:
                 {"data_cursor": self.cursor, "data_epoch": self.epoch})
 
     def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        if tensors["data.perm"].numel() != self.num_examples:
-            raise DataError(f"the checkpoint's data order covers {tensors['data.perm'].numel()} examples, "
+        """Continue from a checkpoint's order; one that cannot be this data's is a DataError naming the key."""
+        perm, cursor = tensors["data.perm"], state["data_cursor"]
+        if perm.ndim != 1 or perm.numel() != self.num_examples:
+            raise DataError(f"the checkpoint's data order covers {perm.numel()} examples, "
                             f"the data now has {self.num_examples}; resume with the same data")
-        self.perm = tensors["data.perm"].clone()
-        self.generator.set_state(tensors["rng.data"])
-        self.cursor, self.epoch = int(state["data_cursor"]), int(state["data_epoch"])
+        if perm.dtype != torch.long or not torch.equal(perm.sort().values, torch.arange(self.num_examples)):
+            raise DataError("the checkpoint's 'data.perm' is not a permutation of the examples; the state is damaged")
+        if not 0 <= cursor <= self.num_examples:
+            raise DataError(f"the checkpoint's 'data_cursor' = {cursor} lies outside 0..{self.num_examples}; "
+                            f"the state is damaged")
+        try:
+            self.generator.set_state(tensors["rng.data"])
+        except (RuntimeError, TypeError, ValueError):
+            raise DataError("the checkpoint's 'rng.data' is not a generator state; the state is damaged") from None
+        self.perm = perm.clone()
+        self.cursor, self.epoch = int(cursor), int(state.get("data_epoch", 0))
