@@ -82,6 +82,7 @@ def run_command(command: Command) -> Outcome:
                             env=environment(command.cwd), capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - started
     after = {w: snapshot(w) for w in command.watch}
+    assert "internal error" not in result.stderr, result.stderr  # a bug report, not an error message
     return Outcome(command, result.returncode, result.stdout, result.stderr, before, after, seconds)
 
 

@@ -35,6 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 def ddpm_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "ddpm", *args], cwd=cwd, env=ENV, capture_output=True,
                             text=True, timeout=timeout)
+    assert "internal error" not in result.stderr, result.stderr  # a bug report, not an error message
     if check and result.returncode != 0:
         raise AssertionError(f"ddpm {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
@@ -273,12 +274,12 @@ def test_point_runs_write_float_npz_and_scatter(tmp_path):
 
 def test_overwrite_replaces_the_whole_run(tmp_path):
     ddpm_cli("train", "--out", "run", "--steps", "4", "--checkpoint-every", "2", *TINY, cwd=tmp_path)
-    (tmp_path / "run" / "samples" / "mine.txt").write_text("in the old run")
+    ddpm_cli("sample", "run", "--num", "2", "--steps", "2", "--quiet", cwd=tmp_path)  # samples/sample-0.png
     ddpm_cli("train", "--out", "run", "--overwrite", "--steps", "3", "--checkpoint-every", "3", "--lr", "3e-4",
              *TINY, cwd=tmp_path)
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000003"]
-    assert not (run / "samples" / "mine.txt").exists()
+    assert not (run / "samples" / "sample-0.png").exists()
     assert json.loads((run / "config.json").read_text())["config"]["train"]["lr"] == 3e-4
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the new run's step 3 only
 

@@ -35,7 +35,10 @@ from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
 from ddpm.metrics_log import Metrics, NoMetrics
 from ddpm.models import use_channels_last
-from ddpm.rundir import RunDirError, check_resume_config, prepare_run_dir, run_metadata, start_run_dir
+from ddpm.rundir import (
+    RunDirError, RunLock, check_nothing_was_lost, check_resume_config, data_paths, prepare_run_dir, run_metadata,
+    start_run_dir,
+)
 from ddpm.sampling import sample_with
 from ddpm.schedule import NoiseSchedule
 from ddpm.visualize import save_grid, scatter_png
@@ -147,10 +150,15 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
     """
     world = distributed.World.from_env()
     device = resolve_device(config.train.device, world)
+    locks: list[RunLock] = []  # rank 0's lock on the run directory, held until training ends
     with distributed.process_group(world, device):  # none for a single process
-        return _train(config, Path(run_dir), world, device, resume=resume, overwrite=overwrite,
-                      changed=changed, progress=progress and world.is_main,
-                      log=log if world.is_main else lambda message: None)
+        try:
+            return _train(config, Path(run_dir), world, device, resume=resume, overwrite=overwrite,
+                          changed=changed, progress=progress and world.is_main,
+                          log=log if world.is_main else lambda message: None, locks=locks)
+        finally:
+            for lock in locks:
+                lock.release()
 
 
 class _Setup(NamedTuple):
@@ -173,20 +181,31 @@ class _Setup(NamedTuple):
 
 
 def _set_up(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
-            overwrite: bool, changed: set[str] | None) -> _Setup:
+            overwrite: bool, changed: set[str] | None, locks: list[RunLock]) -> _Setup:
     _check_shares(config, world)
-    resuming = world.on_main(lambda: prepare_run_dir(run_dir, resume=resume, overwrite=overwrite), device)
+
+    def lock_and_prepare() -> bool:  # on rank 0, which writes the run and holds its lock until the end
+        locks.append(RunLock.acquire(run_dir))
+        resuming = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, reads=data_paths(config))
+        locks[-1].confirm()  # the run is to be written: a lock file made now stays with it
+        return resuming
+
+    resuming = world.on_main(lock_and_prepare, device)
     checkpoint = None
     notes: list[str] = []  # shown once everything is set up, so a failing setup prints one line only
     if resuming:
-        saved = ckpt.read_json(run_dir / "config.json", "the run's config.json")
+        saved = ckpt.read_run_config(run_dir / "config.json")
         config = check_resume_config(config_from_dict(saved["config"], where=str(run_dir / "config.json")),
                                      config, changed or set())
         checkpoint = ckpt.latest_checkpoint(run_dir)
+        if checkpoint is None:
+            check_nothing_was_lost(run_dir, config)
+            notes.append(f"{run_dir} stopped before its first checkpoint: training it again from step 0")
         _check_shares(config, world)
     elif resume:
         notes.append(f"nothing to resume in {run_dir}: starting a new run")
 
+    schedule = build_schedule(config)  # before the data and model: T's tables are checked to fit first
     # Each machine's first process loads (and downloads) the data before the others: one download per machine.
     dataset, heldout, data_notes = world.machine_first(lambda: load_training_data(config), device)
     notes += data_notes
@@ -212,14 +231,15 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
                      f"(global batch {t_cfg.batch_size})")
     if not resuming and world.is_main:
         start_run_dir(run_dir, metadata, overwrite=overwrite)
-    return _Setup(config, dataset, heldout, dataset.data.to(device), build_schedule(config).to(device), model,
+    return _Setup(config, dataset, heldout, dataset.data.to(device), schedule.to(device), model,
                   ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
 
 def _train(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
-           overwrite: bool, changed: set[str] | None, progress: bool, log: Callable[[str], None]) -> TrainResult:
+           overwrite: bool, changed: set[str] | None, progress: bool, log: Callable[[str], None],
+           locks: list[RunLock]) -> TrainResult:
     started = time.perf_counter()
-    run = _set_up(config, run_dir, world, device, resume=resume, overwrite=overwrite, changed=changed)
+    run = _set_up(config, run_dir, world, device, resume=resume, overwrite=overwrite, changed=changed, locks=locks)
     config, t_cfg, step, last_checkpoint = run.config, run.config.train, run.step, run.checkpoint
     metrics = Metrics(run_dir, config, step, run.notes) if world.is_main else NoMetrics()
     for note in run.notes:
@@ -420,13 +440,16 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
     shape = (s.num_samples, *dataset.sample_shape)
     options = s if dataset.kind == "image" else s.replace(clip=False)  # points have no bounded range
     x = sample_with(ema_model, schedule, shape, options, prediction=config.diffusion.prediction, generator=generator)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if dataset.kind == "image":
-        save_grid(x.clamp(-1, 1).cpu(), path)
-    else:
-        dims = "" if dataset.sample_shape[0] == 2 else f" (coordinates 0, 1 of {dataset.sample_shape[0]})"
-        scatter_png([dataset.data[: s.num_samples, :2].cpu(), x[:, :2].cpu()], path,
-                    titles=["data" + dims, path.stem.replace("_", " ") + dims])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if dataset.kind == "image":
+            save_grid(x.clamp(-1, 1).cpu(), path)
+        else:
+            dims = "" if dataset.sample_shape[0] == 2 else f" (coordinates 0, 1 of {dataset.sample_shape[0]})"
+            scatter_png([dataset.data[: s.num_samples, :2].cpu(), x[:, :2].cpu()], path,
+                        titles=["data" + dims, path.stem.replace("_", " ") + dims])
+    except OSError as error:
+        raise ckpt.StorageError(ckpt.describe_os_error(error, path)) from None
 
 
 
