@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ddpm.visualize import (
     denoising_strip, make_grid, plot_curves, save_animation, save_grid, save_images, scatter_png, to_uint8,
@@ -14,6 +14,7 @@ from ddpm.visualize import (
 
 DOT = (31, 119, 180)  # scatter_png's dot colour
 FRAME = (160, 160, 160)  # scatter_png's panel frame
+NOTE = (214, 39, 40)  # scatter_png's colour for the count of points left out
 
 
 def test_to_uint8_mapping_is_exact():
@@ -108,11 +109,23 @@ def _dot_centroid(pixels: np.ndarray) -> tuple[float, float]:
     return float(cols.mean()), float(rows.mean())
 
 
+def _frame_lines(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns holding a long run of frame colour: the panels' frames. (Anti-aliased text
+    can hold a few pixels of that grey too.)"""
+    frame = (pixels == FRAME).all(axis=-1)
+    return np.nonzero(frame.sum(axis=1) >= 16)[0], np.nonzero(frame.sum(axis=0) >= 16)[0]
+
+
 def _plot_area(pixels: np.ndarray) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the first panel's plot area: just inside its frame."""
-    rows, cols = np.nonzero((pixels == FRAME).all(axis=-1))
-    first = cols < cols.min() + 200
-    return cols[first].min() + 1, rows.min() + 1, cols[first].max() - 1, rows.max() - 1
+    rows, cols = _frame_lines(pixels)
+    return cols[0] + 1, rows[0] + 1, cols[1] - 1, rows[-1] - 1
+
+
+def _scatter_pixels(points, path, **options) -> np.ndarray:
+    scatter_png(points, path, **options)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def test_scatter_places_points_where_the_limits_say(tmp_path):
@@ -139,7 +152,8 @@ def test_scatter_of_points_away_from_the_origin(tmp_path):
         centre = torch.rand(2, generator=generator) * 10 - 5
         points = centre + 0.3 * torch.randn(20, 2, generator=generator)
         scatter_png([points], tmp_path / f"{i}.png")
-    assert Image.open(tmp_path / "fixed.png").size == (280, 304)
+    left, top, right, bottom = _plot_area(np.asarray(Image.open(tmp_path / "fixed.png").convert("RGB")))
+    assert (right - left + 1, bottom - top + 1) == (256, 256)
 
 
 def test_scatter_panels_titles_and_errors(tmp_path):
@@ -148,7 +162,10 @@ def test_scatter_panels_titles_and_errors(tmp_path):
     with Image.open(tmp_path / "three.png") as image:
         width, height = image.size
         pixels = np.asarray(image.convert("RGB"))
-    assert width == 3 * (100 + 24) and height == 24 + 100 + 24
+    rows, cols = _frame_lines(pixels)
+    assert len(rows) == 2 and len(cols) == 6  # three frames side by side, equal in size and spacing
+    assert rows[1] - rows[0] == 101 and set(np.diff(cols)[::2]) == {101} and width % 3 == 0
+    assert cols[2] - cols[0] == width // 3 and height > rows[1]
     assert (pixels[:24].min(axis=-1) < 100).any()  # dark title text above the panels
     assert (pixels == DOT).all(axis=-1).sum() > 300
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
@@ -157,6 +174,76 @@ def test_scatter_panels_titles_and_errors(tmp_path):
         scatter_png(sets, tmp_path / "bad.png", titles=["only one"])
     with pytest.raises(ValueError, match="low < high"):
         scatter_png(sets, tmp_path / "bad.png", limits=(1.0, -1.0))
+
+
+def _with_far_outliers(n: int = 500, far: int = 10, seed: int = 0) -> torch.Tensor:
+    """n points of N(0, I) whose first `far` are moved to norms 95-103 in random directions, as a few
+    diverged samples are."""
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.randn(n, 2, generator=generator)
+    angle = torch.rand(far, generator=generator) * 2 * torch.pi
+    radius = 95 + 8 * torch.rand(far, generator=generator)
+    points[:far] = radius[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return points
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scatter_window_is_not_set_by_far_outliers(tmp_path, seed):
+    from ddpm import visualize
+
+    points = _with_far_outliers(seed=seed)
+    pixels = _scatter_pixels([points], tmp_path / "far.png", titles=["samples"])
+    left, top, right, bottom = _plot_area(pixels)
+    dots = (pixels[top:bottom + 1, left:right + 1] == DOT).all(axis=-1)
+    rows, cols = np.nonzero(dots)
+    assert (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1) >= 0.5 * dots.size
+    # The 490 are spread out, their 3x3 dots mostly apart (about 3800 pixels), not a blot of about
+    # 100 pixels between the 10 (which, drawn at the window's edges, would pass the test above alone).
+    assert dots.sum() >= 2000
+    # The 10 are left out and counted, with few of the others; the count is written under the title.
+    window = visualize._scatter_limits([points], None)
+    assert visualize._outside_count(points[:10], *window, 256) == 10
+    outside = visualize._outside_count(points, *window, 256)
+    assert 10 <= outside <= 15
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    note = visualize._outside_note(outside, 500, 300, probe, visualize._font())
+    assert note == f"{outside} of 500 points outside the window"
+    assert (pixels[20:top - 1] == NOTE).all(axis=-1).any()  # drawn in its colour below the title
+    # Non-finite points count as outside too; a panel with everything in view has no note line.
+    assert visualize._outside_count(torch.tensor([[0.0, 0.0], [float("nan"), 0.0]]), (-1, 1), (-1, 1), 64) == 1
+    pixels = _scatter_pixels([torch.zeros(3, 2)], tmp_path / "in.png", limits=(-1.0, 1.0))
+    assert not (pixels == NOTE).all(axis=-1).any()
+
+
+@pytest.mark.parametrize("window", [(-1.0, 1.0), (2.1, 4.3), (-0.0037, 0.0121), (95.0, 1234.0), (-3.45, 3.45),
+                                    (0.1, 0.9), (-250.0, -249.2)])
+@pytest.mark.parametrize("max_ticks", [4, 5, 7])
+def test_scatter_ticks_are_round_values_inside_the_window(window, max_ticks):
+    from ddpm import visualize
+
+    lo, hi = window
+    ticks = visualize._scatter_ticks(lo, hi, max_ticks)
+    values = [value for value, _ in ticks]
+    assert 1 <= len(values) <= max_ticks and (max_ticks < 6 or len(values) >= 2)
+    assert all(lo <= value <= hi for value in values)
+    step = values[1] - values[0] if len(values) > 1 else visualize._nice_step(hi - lo, max_ticks)
+    assert np.allclose(np.diff(values), step, rtol=1e-9)
+    mantissa = step / 10 ** np.floor(np.log10(step))
+    assert min(abs(mantissa - m) for m in (1, 2, 5)) < 1e-9  # a step of 1, 2 or 5 x 10^k
+    assert all(abs(value / step - round(value / step)) < 1e-6 for value in values)  # at multiples of it
+    for value, label in ticks:
+        assert float(label) == pytest.approx(value, rel=1e-9, abs=step * 1e-9)
+
+
+def test_scatter_has_tick_labels_on_both_axes(tmp_path):
+    pixels = _scatter_pixels([torch.randn(200, 2, generator=torch.Generator().manual_seed(0))],
+                             tmp_path / "ticks.png", titles=["data"])
+    left, top, right, bottom = _plot_area(pixels)
+    dark = pixels.min(axis=-1) < 100
+    assert dark[top:bottom + 1, :left - 1].sum() > 50  # labels left of the plot area
+    assert dark[bottom + 2:, left:right + 1].sum() > 50  # and below it
+    # Tick marks: short dark lines touching the frame from outside.
+    assert dark[bottom + 2, left:right + 1].sum() >= 3 and dark[top:bottom + 1, left - 2].sum() >= 3
 
 
 def test_plot_curves_draws_lines_and_legend(tmp_path):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddpm.catalog import METRICS
 from ddpm.config import SampleConfig
 from ddpm.data import NoSplitsError, load_dataset
 from ddpm.data.registry import DATASETS, Dataset, is_generated
@@ -29,16 +30,6 @@ from ddpm.evaluation.metrics import energy_distance, feature_statistics, frechet
 from ddpm.run import Run
 
 __all__ = ["METRICS", "EvalOptions", "default_metrics", "evaluate_run"]
-
-METRICS: dict[str, str] = {
-    "bpd": "bits per dimension of held-out data: the variational bound (eq. 5), 8-bit decoder for images",
-    "fid": "Frechet distance of InceptionV3 pool features, samples vs held-out images (needs the weights file)",
-    "fid-mnist": "Frechet distance of ddpm's MNIST classifier features, and what the classifier sees in samples",
-    "energy": "energy distance of point samples to held-out data, beside that of two data draws (noise floor)",
-    "gradient": "RMS distance of each sample to the nearest exact colour gradient",
-    "square": "RMS error of each sample to the 8x8 square",
-}
-
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -233,9 +224,11 @@ def _energy(e: _Evaluation) -> dict[str, Any]:
     if size < 2:
         raise ValueError(f"the energy metric needs at least 4 held-out points for its noise floor; "
                          f"the data holds {len(pool)}")
+    # The same number of samples as of held-out points on both sides, so that the estimator's bias
+    # (which falls as 1/size) is the same for the distance and its floor.
     data, other = pool[:size], pool[size:2 * size]
-    return {"energy_distance": energy_distance(e.samples, data), "noise_floor": energy_distance(other, data),
-            "samples": n, "reference": f"{size} held-out points, and {size} others for the noise floor",
+    return {"energy_distance": energy_distance(e.samples[:size], data), "noise_floor": energy_distance(other, data),
+            "samples": size, "reference": f"{size} held-out points, and {size} others for the noise floor",
             "sampler": e.sampler_description()}
 
 

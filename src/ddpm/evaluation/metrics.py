@@ -70,28 +70,42 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
     return max(float(distance), 0.0)
 
 
-def _mean_pairwise_distance(x: Tensor, y: Tensor, *, same: bool, chunk: int = 2048) -> Tensor:
-    """Mean Euclidean distance over pairs (x_i, y_j); with same=True, x is y and the N zero distances
-    of i = j are left out (the unbiased U-statistic)."""
+def _mean_pairwise_distance(x: Tensor, y: Tensor, chunk: int = 2048) -> Tensor:
+    """Mean Euclidean distance over all N * M pairs (x_i, y_j); when y is x, the N zero distances of
+    i = j count too. Distances are taken directly, not through |x|^2 + |y|^2 - 2 x.y, whose rounding
+    would leave non-zero values on that diagonal."""
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, x.shape[0], chunk):
-        total += torch.cdist(x[start:start + chunk], y).sum()
-    pairs = x.shape[0] * (y.shape[0] - 1) if same else x.shape[0] * y.shape[0]
-    return total / pairs
+        total += torch.cdist(x[start:start + chunk], y, compute_mode="donot_use_mm_for_euclid_dist").sum()
+    return total / (x.shape[0] * y.shape[0])
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
-    """The energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely & Rizzo) between the samples
-    x (N, D) and y (M, D), each expectation over distinct pairs. It is 0 exactly when the two
-    distributions are equal, and for finite samples it fluctuates around 0 by an amount that shrinks
-    as 1/N: report it beside the same statistic between two fresh draws of the data (the noise floor).
+    """The energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely & Rizzo) between the empirical
+    distributions of the samples x (N, D) and y (M, D): each expectation is a mean over all pairs,
+    the zero distances of a point to itself included (the V-statistic).
+
+    Why the V-statistic: it is the energy distance between the two empirical distributions, a squared
+    distance in a Hilbert space, so it is never negative and is 0 only when the two sets hold the same
+    points in the same proportions. The unbiased U-statistic (within-set means over distinct pairs)
+    can come out negative for two draws of one distribution, which reads as nonsense beside a sample's
+    distance. The price is a bias upwards: for independent samples the expected value is the
+    distributions' energy distance plus E|X - X'| / N + E|Y - Y'| / M.
+
+    What a value means: compare it with the same function applied to two disjoint draws of the real
+    data, of the same sizes as x and y (the noise floor), whose expected value is that bias alone. A
+    sample whose value is near the floor is as close to the data as fresh data is, and the excess over
+    the floor estimates the distributions' energy distance; both need the one estimator and the same
+    sizes to be comparable.
+    The result is clipped at 0 only against rounding (of order 1e-15 times the distances).
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or min(x.shape[0], y.shape[0]) < 2:
         raise ValueError(f"energy_distance needs (N, D) and (M, D) with N, M >= 2; got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
-    between = _mean_pairwise_distance(x, y, same=False)
-    return float(2 * between - _mean_pairwise_distance(x, x, same=True) - _mean_pairwise_distance(y, y, same=True))
+    between = _mean_pairwise_distance(x, y)
+    distance = 2 * between - _mean_pairwise_distance(x, x) - _mean_pairwise_distance(y, y)
+    return max(float(distance), 0.0)
 
 
 def square_error(images: Tensor, target: Tensor) -> Tensor:
