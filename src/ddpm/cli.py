@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 # --- ddpm train -----------------------------------------------------------------------------------
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from ddpm.config import DEFAULT_PRESET, TRAINING_PRESETS, flag_fields
+    from ddpm.config import DEFAULT_PRESET, PRESET_DATA_SHAPE, TRAINING_PRESETS, flag_fields
 
     parser = commands.add_parser(
         "train", help="train a model (Algorithm 1) into a run directory",
@@ -64,7 +64,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     for f in flag_fields():
         group = groups.setdefault(f.section, parser.add_argument_group(f"[{f.section}]"))
         default = preset.get(f.section, {}).get(f.name, f.default)
-        _add_flag(group, f, f"{f.section}.{f.name}", f"default {default}", parse=False)
+        text = f"default {default}"
+        if f.section == "data" and f.name in PRESET_DATA_SHAPE and default != f.default:
+            text = f"default {default} for the preset's own data, {f.default} for other --data"
+        _add_flag(group, f, f"{f.section}.{f.name}", text, parse=False)
 
 
 def _add_flag(group: argparse._ArgumentGroup, f: Any, dest: str, default_text: str, *, parse: bool) -> None:
@@ -122,8 +125,13 @@ def _train(args: argparse.Namespace) -> int:
         return stop.exit_code
     if _is_main_process():
         pictures = result.run_dir / "samples"
-        print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {result.loss:.4f}; "
-              f"checkpoint {result.checkpoint}" + (f"; samples in {pictures}" if pictures.is_dir() else ""))
+        taken = result.step - result.start_step
+        if taken == 0:
+            done = f"the run was already at step {result.step} of {result.step}: nothing to train (give a larger --steps)"
+        else:
+            since = f" (steps {result.start_step} to {result.step})" if result.start_step else ""
+            done = f"trained {taken} steps{since} in {result.seconds:.0f} s; last loss {result.loss:.4f}"
+        print(f"{done}; checkpoint {result.checkpoint}" + (f"; samples in {pictures}" if pictures.is_dir() else ""))
     return 0
 
 
@@ -336,7 +344,7 @@ def _save_trajectory(frames: list, labels: list[str], path: Path, kind: str) -> 
 # --- ddpm eval ------------------------------------------------------------------------------------
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
-    from ddpm.evaluation.evaluate import METRICS
+    from ddpm.catalog import METRICS
 
     parser = commands.add_parser(
         "eval", help="measure a trained run: bits/dim, FID, distances on the built-in sets",
@@ -420,8 +428,8 @@ def _table(report: dict[str, dict[str, Any]]) -> str:
 # --- listings -------------------------------------------------------------------------------------
 
 def _presets(args: argparse.Namespace) -> int:
+    from ddpm.catalog import MODEL_PRESETS as PRESETS
     from ddpm.config import DEFAULT_PRESET, TRAINING_PRESETS
-    from ddpm.models import PRESETS
 
     width = max(map(len, [*TRAINING_PRESETS, *PRESETS]))
     for name, (description, _) in TRAINING_PRESETS.items():
@@ -433,9 +441,8 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _datasets(args: argparse.Namespace) -> int:
-    from ddpm.data import list_datasets
+    from ddpm.catalog import DATASETS as datasets
 
-    datasets = list_datasets()
     width = max(map(len, datasets))
     for name, description in datasets.items():
         print(f"{name:<{width}}  {description}")
@@ -465,13 +472,13 @@ _COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "presets": _pres
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ddpm`` command; returns the exit code (errors are printed in one line)."""
     from ddpm.allocator import keep_freed_memory
-    from ddpm.distributed import launched
 
     keep_freed_memory()  # fewer page faults in every step of training and sampling (ddpm/allocator.py)
     if hasattr(signal, "SIGXFSZ"):  # past the file-size limit a write fails (EFBIG) instead of killing us
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     code = _run(argv)
-    if launched():
+    distributed = sys.modules.get("ddpm.distributed")  # imported (with torch) only by work that may need it
+    if distributed is not None and distributed.launched():
         # Under torchrun, once everything is written, flushed and the process group is gone, the
         # process ends here without running the interpreter's teardown: there, torch's C++ objects
         # left from a gloo group occasionally abort the process ("terminate called without an
@@ -490,9 +497,9 @@ def _run(argv: Sequence[str] | None) -> int:
             return BAD_INPUT
         return _COMMANDS[args.command](args)
     except ValueError as error:  # UsageError, SettingError, CheckpointError, DataError, ...
-        from ddpm.distributed import RankError
-
-        if _is_main_process() or isinstance(error, RankError):  # what every process raises, rank 0 says
+        distributed = sys.modules.get("ddpm.distributed")
+        from_a_rank = distributed is not None and isinstance(error, distributed.RankError)
+        if _is_main_process() or from_a_rank:  # what every process raises, rank 0 says
             print(f"{getattr(error, 'prog', 'ddpm')}: error: {_one_line(error)}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:

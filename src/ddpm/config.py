@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ddpm.catalog import is_generated
 from ddpm.validation import SEED_LIMIT, SettingError, check_choice, check_fields, check_seed, check_value, choices_of
 
 __all__ = [
@@ -277,8 +278,6 @@ def _without_stale_preset_settings(merged: dict[str, Any], preset: Mapping[str, 
     unless the layer sets them too: the model overrides are for the preset's own model, and the
     example count is how many examples to draw of a generated set (a file, a folder or MNIST /
     CIFAR-10 is used whole)."""
-    from ddpm.data.registry import is_generated
-
     def asked(section: str, name: str) -> bool:
         return any(name in _section(layer, section) for layer in layers)
 
@@ -289,7 +288,17 @@ def _without_stale_preset_settings(merged: dict[str, Any], preset: Mapping[str, 
     if (isinstance(data, Mapping) and not asked("data", "num_examples")
             and not is_generated(str(data.get("source", DataConfig.source)))):
         merged["data"] = {**data, "num_examples": None}
+    if isinstance(data, Mapping) and data.get("source") != _section(preset, "data").get("source", DataConfig.source):
+        # Another source than the preset's: its size, channels and held-out count were chosen for the
+        # preset's own data (the default preset's 8x8 gray square), so the new data's own apply.
+        names = PRESET_DATA_SHAPE if not is_generated(str(data.get("source"))) else ("image_size", "channels")
+        merged["data"] = {**merged["data"], **{name: DATA_DEFAULTS[name] for name in names
+                                                if not asked("data", name)}}
     return merged
+
+
+PRESET_DATA_SHAPE = ("image_size", "channels", "heldout")  # a preset's settings for its own data only
+DATA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DataConfig)}
 
 
 def _section(layer: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm.catalog import DATASETS, is_generated
 from ddpm.data import synthetic
 from ddpm.data._checks import require_channels, require_int
 from ddpm.data.arrays import array_to_tensor, load_array
@@ -25,21 +26,10 @@ from ddpm.data.folder import list_image_files, load_image_folder, skipped_messag
 from ddpm.data.mnist import ImagesAndLabels, find_mnist_files, load_mnist
 from ddpm.data.transforms import convert_channels, resize_center_crop, uint8_to_float
 
-__all__ = ["Dataset", "DATASETS", "list_datasets", "load_dataset"]
+__all__ = ["Dataset", "DATASETS", "is_generated", "list_datasets", "load_dataset"]
 
 Kind = Literal["image", "points"]
 Split = Literal["train", "test"]
-
-DATASETS: dict[str, str] = {
-    "square": "the tutorials' 8x8 square (1 channel, or 3), a single image to overfit",
-    "gradients": "two-colour linear gradients along random directions, 3x16x16, generated from a seed",
-    "moons": "2-D points: two interleaved half circles",
-    "swissroll": "2-D points: a spiral of one and a half turns",
-    "8gaussians": "2-D points: 8 well-separated Gaussians on a circle",
-    "checkerboard": "2-D points: uniform on the dark cells of a 4x4 checkerboard",
-    "mnist": "handwritten digits, 1x28x28, 60000 train / 10000 test (local IDX files or a checked download)",
-    "cifar10": "colour photos in 10 classes, 3x32x32, 50000 train / 10000 test (local batches or a checked download)",
-}
 
 # Generated sets: the generator, its default n, and whether it makes images.
 _GENERATED: dict[str, tuple[Callable[..., Tensor], int, bool]] = {
@@ -78,11 +68,6 @@ class Dataset:
     def sample_shape(self) -> tuple[int, ...]:
         """The shape of one item: (C, H, W) or (D,)."""
         return tuple(self.data.shape[1:])
-
-
-def is_generated(source: str) -> bool:
-    """Whether ``source`` names a set drawn from a seed (its size is a choice), not stored data."""
-    return source in _GENERATED
 
 
 def list_datasets() -> dict[str, str]:

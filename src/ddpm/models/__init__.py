@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpm.catalog import MODEL_PRESETS
 from ddpm.models.embeddings import SinusoidalEmbedding, sinusoidal_embedding
 from ddpm.models.mlp import ResidualMLP, ResidualMLPConfig, ToyMLP, ToyMLPConfig
 from ddpm.models.unet import SmallUNet, SmallUNetConfig, UNet, UNetConfig
@@ -52,26 +53,24 @@ class _Preset:
 
 _PRESETS: dict[str, _Preset] = {
     "mlp-toy": _Preset(
-        "the tutorials' toy diffuser: Linear-ReLU-Linear on the flattened image and t/T (any C, H = W)",
+        MODEL_PRESETS["mlp-toy"],
         ToyMLPConfig, {}),
     "mlp-2d": _Preset(
-        "residual MLP for (B, D) points with a sinusoidal timestep embedding (D = 2, width 256, 3 blocks)",
+        MODEL_PRESETS["mlp-2d"],
         ResidualMLPConfig, {}),
     "unet-small": _Preset(
-        "the tutorials' small U-Net: conv blocks 16/32/64, max-pool, transposed convs, learned t table (0.14M)",
+        MODEL_PRESETS["unet-small"],
         SmallUNetConfig, {}),
     "unet": _Preset(
-        "the DDPM paper's U-Net at a mid size: 1x28x28, ch 64, mult (1,2,2), 2 blocks, attention at 1/2 "
-        "resolution (6.5M)",
+        MODEL_PRESETS["unet"],
         UNetConfig, {}),
     "unet-cifar10": _Preset(
-        "the paper's CIFAR-10 U-Net: 3x32x32, ch 128, mult (1,2,2,2), 2 blocks, attention at 1/2 resolution (35.7M)",
+        MODEL_PRESETS["unet-cifar10"],
         UNetConfig,
         dict(in_channels=3, image_size=32, ch=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
              attention_levels=(1,), dropout=0.1, num_groups=32)),
     "unet-mnist": _Preset(
-        "small paper-style U-Net for 1x28x28 on a CPU: ch 32, mult (1,2,2), 1 block, attention at 1/4 resolution "
-        "(1.1M)",
+        MODEL_PRESETS["unet-mnist"],
         UNetConfig,
         dict(in_channels=1, image_size=28, ch=32, channel_mult=(1, 2, 2), num_res_blocks=1,
              attention_levels=(2,), dropout=0.1, num_groups=8)),
