@@ -122,6 +122,11 @@ def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str
     common = dict(image_size=d.image_size, channels=d.channels, seed=config.train.seed, data_dir=d.data_dir)
     dataset = load_dataset(d.source, n=d.num_examples, **common)
     notes = list(dataset.notes)
+    if dataset.kind == "image" and d.source not in DATASETS and (d.image_size is None or d.channels is None):
+        c, h, w = dataset.sample_shape
+        notes.append(f"training on {d.source} at {c}x{h}x{w}, its own "
+                     + " and ".join(w for w, v in (("size", d.image_size), ("channels", d.channels)) if v is None)
+                     + " (set --image-size / --channels to choose)")
     if len(dataset) == 0:
         raise ValueError(f"the data {d.source!r} holds no examples")
     if d.hflip and dataset.kind != "image":

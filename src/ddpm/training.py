@@ -39,7 +39,7 @@ from ddpm.rundir import (
     RunDirError, RunLock, check_nothing_was_lost, check_resume_config, data_paths, prepare_run_dir, run_metadata,
     start_run_dir,
 )
-from ddpm.sampling import sample_with
+from ddpm.sampling import sample_with, timestep_sequence
 from ddpm.schedule import NoiseSchedule
 from ddpm.visualize import save_grid, scatter_png
 
@@ -87,8 +87,9 @@ class TrainResult:
     run_dir: Path
     step: int  # optimiser steps done
     checkpoint: Path  # the final checkpoint
-    loss: float  # mean training loss over the last logging window
+    loss: float  # mean training loss over the last logging window (nan when this invocation took no step)
     seconds: float  # wall time of this invocation
+    start_step: int = 0  # the step this invocation started from (a resumed run's checkpoint)
 
 
 # --- the pieces only the loop needs ----------------------------------------------------------------
@@ -231,6 +232,8 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
                      f"(global batch {t_cfg.batch_size})")
     if not resuming and world.is_main:
         start_run_dir(run_dir, metadata, overwrite=overwrite)
+    elif world.is_main and saved["config"] != metadata["config"]:
+        ckpt.write_json(run_dir / "config.json", metadata)  # a changed --steps and the like hold for later resumes
     return _Setup(config, dataset, heldout, dataset.data.to(device), schedule.to(device), model,
                   ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
@@ -277,10 +280,12 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                 if due(t_cfg.log_every):
                     window.raise_if_non_finite(last_checkpoint)
                     values = window.flush(t_cfg.batch_size, world)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", ex_per_s=f"{values['examples_per_s']:.0f}",
+                                    refresh=False)
                     values["lr"] = run.optimizer.param_groups[0]["lr"]
                     if t_cfg.eval_every and run.heldout is not None and due(t_cfg.eval_every):
-                        values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout, config))
+                        values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout, config,
+                                                     progress=progress))
                         run.model.train()
                     metrics.log(step, values)
                 if due(t_cfg.checkpoint_every):
@@ -289,7 +294,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     window.raise_if_non_finite(last_checkpoint)  # on every process, as they all know the loss
                     if world.is_main:
                         save_samples(run.ema_model, run.schedule, config, run.dataset,
-                                     run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png")
+                                     run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png", progress=progress)
                 stop_signal = world.agree_signal(stop.received)  # every process stops at the same step
                 if stop_signal is not None:
                     if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
@@ -304,7 +309,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     finally:
         bar.close()
         metrics.close()
-    return TrainResult(run_dir, step, last_checkpoint, window.last_loss, time.perf_counter() - started)
+    return TrainResult(run_dir, step, last_checkpoint, window.last_loss, time.perf_counter() - started, run.step)
 
 
 def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Module, autocast: torch.autocast,
@@ -408,7 +413,7 @@ def loss_weighting(config: Config) -> str | None:
 
 @torch.no_grad()
 def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedule, heldout: Tensor,
-                   config: Config) -> dict[str, float]:
+                   config: Config, progress: bool = False) -> dict[str, float]:
     """The loss on held-out data with fixed timesteps and noise (the same at every evaluation),
     weighted as the training loss is, so that the two can be compared."""
     generator = torch.Generator().manual_seed(config.train.seed + 3)
@@ -417,20 +422,25 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
     noise = torch.randn(x0.shape, generator=generator).to(schedule.device)
     model.eval()
     out = {}
+    chunks = range(0, x0.shape[0], 1024)
+    bar = tqdm(total=2 * len(chunks), desc="held-out loss", unit="batch", disable=not progress, leave=False,
+               dynamic_ncols=True, file=sys.stderr)
     for name, net in (("heldout_loss", model), ("heldout_loss_ema", ema_model)):
         total = 0.0
-        for start in range(0, x0.shape[0], 1024):
+        for start in chunks:
+            bar.update(1)
             part = slice(start, start + 1024)
             losses = training_loss(net, schedule, x0[part], t=t[part], noise=noise[part],
                                    prediction=config.diffusion.prediction, weighting=loss_weighting(config),
                                    reduction="none")
             total += losses.sum().item()
         out[name] = total / x0.shape[0]
+    bar.close()
     return out
 
 
 def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, dataset: Dataset,
-                 path: Path) -> None:
+                 path: Path, progress: bool = False) -> None:
     """A grid of EMA samples (images) or a scatter of samples beside data (points; of their first two
     coordinates when there are more), from fixed noise. One-dimensional points get no picture."""
     if dataset.kind == "points" and dataset.sample_shape[0] < 2:
@@ -439,7 +449,11 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
     generator = torch.Generator(schedule.device).manual_seed(config.train.seed + 4)
     shape = (s.num_samples, *dataset.sample_shape)
     options = s if dataset.kind == "image" else s.replace(clip=False)  # points have no bounded range
-    x = sample_with(ema_model, schedule, shape, options, prediction=config.diffusion.prediction, generator=generator)
+    walk = len(timestep_sequence(schedule.num_steps, options.steps, options.spacing))
+    with tqdm(total=walk, desc=f"sample grid ({s.num_samples} {dataset.kind}, {options.sampler}-{walk})", unit="step",
+              disable=not progress, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
+        x = sample_with(ema_model, schedule, shape, options, prediction=config.diffusion.prediction,
+                        generator=generator, callback=lambda step: bar.update(1))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if dataset.kind == "image":

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -419,6 +420,9 @@ def load_mnist_classifier(
         if model is not None and not _is_current(info):
             model = None
     if model is None:
+        if progress:  # about a minute, once per machine: say so before it starts
+            print(f"training ddpm's MNIST classifier for FID-MNIST (once; about a minute, cached in {folder})",
+                  file=sys.stderr, flush=True)
         model, info = _train_and_measure(data_dir, progress)
         info = save_classifier(model, info, folder)
     return model.to(device).requires_grad_(False).eval(), info
