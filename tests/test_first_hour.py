@@ -106,3 +106,20 @@ def test_the_sample_grid_and_held_out_loss_of_training_show_bars(tmp_path, capsy
     err = capsys.readouterr().err
     assert "sample grid (16 image, ddpm-4)" in err and "0/4" in err
     assert "held-out loss" in err and (tmp_path / "grid.png").is_file()
+
+
+def test_fid_mnist_says_before_it_trains_its_classifier_once_and_where_it_is_cached(tmp_path, monkeypatch, capsys):
+    from ddpm.evaluation import classifier
+
+    trained = []
+
+    def quick(data_dir, progress):  # the real recipe takes about a minute; the message is what is tested
+        trained.append(True)
+        return classifier.MnistClassifier(), {"test_accuracy": 0.5}
+
+    monkeypatch.setattr(classifier, "_train_and_measure", quick)
+    cache = tmp_path / "cache"
+    classifier.load_mnist_classifier(cache_dir=cache, progress=True)
+    err = capsys.readouterr().err
+    assert "training ddpm's MNIST classifier for FID-MNIST (once" in err
+    assert str(classifier.classifier_cache_dir(cache)) in err and trained == [True]

@@ -77,7 +77,7 @@ def test_train_help_shows_the_default_presets_values(capsys):
     config = build_config(DEFAULT_PRESET)
     for flag, value in (("--lr", config.train.lr), ("--warmup", config.train.warmup),
                         ("--steps", config.train.steps), ("--heldout", config.data.heldout)):
-        assert re.search(rf"{flag} [A-Z_]+ (?:(?! --).)*\(default {value}\)", text), f"{flag}: {value} not shown"
+        assert re.search(rf"{flag} [A-Z_]+ (?:(?! --).)*\(default {value}[ )]", text), f"{flag}: {value} not shown"
     assert f"default preset, {DEFAULT_PRESET}" in text
 
 
