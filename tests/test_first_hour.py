@@ -123,3 +123,9 @@ def test_fid_mnist_says_before_it_trains_its_classifier_once_and_where_it_is_cac
     err = capsys.readouterr().err
     assert "training ddpm's MNIST classifier for FID-MNIST (once" in err
     assert str(classifier.classifier_cache_dir(cache)) in err and trained == [True]
+
+
+def test_the_training_bar_shows_examples_per_second(tmp_path, capsys):
+    options = [a for a in OPTIONS if a != "--quiet"]
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "4", "--log-every", "2", *options]) == 0
+    assert "ex_per_s=" in capsys.readouterr().err
