@@ -129,3 +129,26 @@ def test_the_training_bar_shows_examples_per_second(tmp_path, capsys):
     options = [a for a in OPTIONS if a != "--quiet"]
     assert main(["train", "--out", str(tmp_path / "run"), "--steps", "4", "--log-every", "2", *options]) == 0
     assert "ex_per_s=" in capsys.readouterr().err
+
+
+def test_feature_passes_of_eval_show_a_bar(capsys):
+    from ddpm.evaluation.classifier import MnistClassifier, mnist_features
+
+    features = mnist_features(MnistClassifier(), torch.zeros(30, 1, 28, 28), batch_size=10,
+                              progress="FID-MNIST features (samples)")
+    assert features.shape[0] == 30 and "FID-MNIST features (samples)" in capsys.readouterr().err
+    mnist_features(MnistClassifier(), torch.zeros(3, 1, 28, 28))
+    assert capsys.readouterr().err == ""  # no label, no bar
+
+
+def test_a_download_shows_a_bar(tmp_path, capsys):
+    import hashlib
+
+    from ddpm.data.download import download_file
+
+    source = tmp_path / "served.bin"
+    source.write_bytes(b"x" * 100_000)
+    target = download_file([source.as_uri()], tmp_path / "got" / "file.bin",
+                           hashlib.md5(source.read_bytes()).hexdigest())
+    assert target.read_bytes() == source.read_bytes()
+    assert "downloading file.bin" in capsys.readouterr().err

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 from urllib.request import urlopen
+
+from tqdm.auto import tqdm
 
 from ddpm.data.cifar import CIFAR10_ARCHIVE, CIFAR10_MD5, find_cifar10
 from ddpm.data.errors import ChecksumError, DataError, DownloadError
@@ -61,9 +64,13 @@ def _fetch(url: str, target: Path, md5: str) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urlopen(url, timeout=_TIMEOUT_S) as response:
-            while chunk := response.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+            size = response.headers.get("Content-Length")
+            with tqdm(total=int(size) if size and size.isdigit() else None, desc=f"downloading {target.name}",
+                      unit="B", unit_scale=True, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
+                while chunk := response.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
         if digest.hexdigest() != md5:
             raise ChecksumError(
                 f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}; nothing was saved"

@@ -266,14 +266,15 @@ def classifier_accuracy(model: Callable[[Tensor], Tensor], images: Tensor, label
     return (predicted == labels.cpu()).double().mean().item()
 
 
-def mnist_features(model: MnistClassifier, images: Tensor, batch_size: int = 500) -> Tensor:
+def mnist_features(model: MnistClassifier, images: Tensor, batch_size: int = 500, progress: str | None = None
+                   ) -> Tensor:
     """FID-MNIST features: ``images`` (N, 1, 28, 28) in [-1, 1] -> (N, FEATURE_DIM) float32 on the CPU.
 
     The penultimate layer before its ReLU (:meth:`MnistClassifier.features`), computed in batches of
     ``batch_size`` on the model's device under ``torch.inference_mode``. Images are not clipped:
-    clamp samples to [-1, 1] first if the sampler can leave that range.
+    clamp samples to [-1, 1] first if the sampler can leave that range. progress: a bar's label.
     """
-    return in_batches(model.features, images, batch_size, _device_of(model), FEATURE_DIM)
+    return in_batches(model.features, images, batch_size, _device_of(model), FEATURE_DIM, progress)
 
 
 class ClassifierView(NamedTuple):

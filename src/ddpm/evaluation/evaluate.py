@@ -183,11 +183,13 @@ def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
     o = e.options
     model, info = load_mnist_classifier(data_dir=e.data_dir, progress=o.progress)
     test = load_dataset("mnist", split="test", data_dir=e.data_dir)
-    reference = feature_statistics(mnist_features(model, test.data))
-    samples = feature_statistics(mnist_features(model, e.samples))
+    bar = (lambda what: f"FID-MNIST features ({what})") if o.progress else (lambda what: None)
+    reference = feature_statistics(mnist_features(model, test.data, progress=bar("test digits")))
+    samples = feature_statistics(mnist_features(model, e.samples, progress=bar("samples")))
     # The floor: the same statistic for as many real training digits as there are samples.
     real = load_dataset("mnist", split="train", n=len(e.samples), seed=o.seed, data_dir=e.data_dir)
-    floor = frechet_distance(feature_statistics(mnist_features(model, real.data)), reference)
+    floor = frechet_distance(feature_statistics(mnist_features(model, real.data, progress=bar("training digits"))),
+                             reference)
     view = classifier_view(model, e.samples)
     return {
         "fid": frechet_distance(samples, reference),
@@ -208,8 +210,9 @@ def _fid(e: _Evaluation) -> dict[str, Any]:
     o = e.options
     model = load_inception(o.inception_weights, device=e.run.schedule.device)
     reference = e.reference(max(o.num, 2))
-    fid = frechet_distance(feature_statistics(inception_features(model, e.samples)),
-                           feature_statistics(inception_features(model, reference.data)))
+    bar = (lambda what: f"Inception features ({what})") if o.progress else (lambda what: None)
+    fid = frechet_distance(feature_statistics(inception_features(model, e.samples, progress=bar("samples"))),
+                           feature_statistics(inception_features(model, reference.data, progress=bar("held out"))))
     return {"fid": fid, "samples": len(e.samples), "reference": f"{len(reference)} held-out images",
             "sampler": e.sampler_description()}
 

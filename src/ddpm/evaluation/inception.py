@@ -426,12 +426,12 @@ def load_inception(path: str | Path | None = None, *, device: str | torch.device
     return model.to(device).requires_grad_(False).eval()
 
 
-def inception_features(model: nn.Module, images: Tensor, batch_size: int = 50) -> Tensor:
+def inception_features(model: nn.Module, images: Tensor, batch_size: int = 50, progress: str | None = None) -> Tensor:
     """Pool3 features of ``images`` (N, C, H, W) in [-1, 1] -> (N, 2048) float32 on the CPU.
 
     Runs ``model`` (usually from :func:`load_inception`) in batches of ``batch_size`` on the
-    model's device, under ``torch.inference_mode``.
+    model's device, under ``torch.inference_mode``. progress: a bar's label (None: no bar).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    return in_batches(model, images, batch_size, next(model.parameters()).device, FEATURE_DIM)
+    return in_batches(model, images, batch_size, next(model.parameters()).device, FEATURE_DIM, progress)

@@ -6,25 +6,30 @@ All functions take tensors and return floats or tensors; none draws samples or r
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = ["in_batches", "FeatureStatistics", "feature_statistics", "frechet_distance", "energy_distance", "square_error"]
 
 
 def in_batches(apply: Callable[[Tensor], Tensor], images: Tensor, batch_size: int, device: torch.device,
-               width: int) -> Tensor:
+               width: int, progress: str | None = None) -> Tensor:
     """apply(images) in batches of ``batch_size`` on ``device`` under inference mode -> float32 (N, width)
-    on the CPU, concatenated outside inference mode so callers get an ordinary tensor."""
+    on the CPU, concatenated outside inference mode so callers get an ordinary tensor. progress: the
+    label of a progress bar over the images (None: no bar)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     chunks: list[Tensor] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=images.shape[0], desc=progress, unit="image", leave=False,
+                                      disable=progress is None, dynamic_ncols=True, file=sys.stderr) as bar:
         for start in range(0, images.shape[0], batch_size):
             chunks.append(apply(images[start:start + batch_size].to(device)).float().cpu())
+            bar.update(min(batch_size, images.shape[0] - start))
     return torch.cat(chunks) if chunks else torch.empty(0, width)
 
 
