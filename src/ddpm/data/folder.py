@@ -14,6 +14,7 @@ refused before anything is allocated.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from ddpm.data._checks import require_channels, require_int
 from ddpm.data.errors import DataError
@@ -172,7 +174,8 @@ def load_image_folder(
     skipped: list[Path] = []
     out: np.ndarray | None = None
     resized = converted = 0
-    for path in files:
+    for path in tqdm(files, desc=f"reading {root}", unit="image", leave=False, delay=2, dynamic_ncols=True,
+                     file=sys.stderr):  # shown only when the folder takes more than 2 s
         try:
             with _open(path) as image:
                 if out is None:  # sizes from the header, so what cannot fit is refused before decoding
