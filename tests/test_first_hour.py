@@ -141,13 +141,33 @@ def test_feature_passes_of_eval_show_a_bar(capsys):
     assert capsys.readouterr().err == ""  # no label, no bar
 
 
-def test_a_download_shows_a_bar(tmp_path, capsys):
+def test_a_download_that_lasts_shows_a_bar(tmp_path, capsys, monkeypatch):
     import hashlib
+    import time
 
+    from ddpm.data import download
     from ddpm.data.download import download_file
 
     source = tmp_path / "served.bin"
     source.write_bytes(b"x" * 100_000)
+    monkeypatch.setattr(download, "_CHUNK", 1000)  # slowed down, so that the bar (shown after 1 s) appears
+    real_urlopen = download.urlopen
+
+    class Slow:
+        def __init__(self, response):
+            self.response, self.headers = response, response.headers
+
+        def read(self, size):
+            time.sleep(0.02)
+            return self.response.read(size)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.response.close()
+
+    monkeypatch.setattr(download, "urlopen", lambda url, timeout=None: Slow(real_urlopen(url, timeout=timeout)))
     target = download_file([source.as_uri()], tmp_path / "got" / "file.bin",
                            hashlib.md5(source.read_bytes()).hexdigest())
     assert target.read_bytes() == source.read_bytes()

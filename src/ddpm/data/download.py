@@ -64,9 +64,11 @@ def _fetch(url: str, target: Path, md5: str) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urlopen(url, timeout=_TIMEOUT_S) as response:
-            size = response.headers.get("Content-Length")
+            headers = getattr(response, "headers", None)  # what urlopen returns has them; a stand-in may not
+            size = headers.get("Content-Length") if headers is not None else None
             with tqdm(total=int(size) if size and size.isdigit() else None, desc=f"downloading {target.name}",
-                      unit="B", unit_scale=True, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
+                      unit="B", unit_scale=True, leave=False, delay=1, dynamic_ncols=True,  # only if it lasts
+                      file=sys.stderr) as bar:
                 while chunk := response.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
