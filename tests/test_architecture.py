@@ -4,6 +4,7 @@ and sampling that never goes through the training module."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 import typing
@@ -142,6 +143,8 @@ def test_saved_configs_with_the_old_sample_steps_key_load():
     ({"sample": {"eta": 2}}, "sample.eta = 2.0 is not allowed"),
     ({"sample": {"steps": 2000}}, "sample.steps = 2000 is not allowed; it must be in 1..1000"),
     ({"data": {"channels": 2}}, "data.channels = 2 is not allowed; choose from: 1, 3 (or none)"),
+    ({"train": {"lr": math.inf}}, "train.lr = inf is not allowed; it must be in (0, inf)"),
+    ({"train": {"lr": math.nan}}, "train.lr = nan is not allowed"),
 ])
 def test_each_setting_is_checked_where_it_enters(layers, message):
     with pytest.raises(SettingError) as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -106,7 +107,7 @@ class TrainConfig:
     # grad_accum, like the number of processes, changes only the order in which gradients are added.
     grad_accum: int = _field(1, "split each batch into this many sequential micro-batches", minimum=1,
                              resumable=True)
-    lr: float = _field(1e-4, "AdamW learning rate", above=0.0)
+    lr: float = _field(1e-4, "AdamW learning rate", above=0.0, below=math.inf)  # inf is no learning rate
     warmup: int = _field(0, "steps of linear learning-rate warm-up from 0", minimum=0)
     weight_decay: float = _field(0.0, "AdamW weight decay", minimum=0.0)
     grad_clip: float | None = _field(1.0, "clip the gradient norm to this; None: no clipping", above=0.0)
