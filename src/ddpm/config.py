@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import tomllib
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ddpm.catalog import is_generated
-from ddpm.validation import SEED_LIMIT, SettingError, check_choice, check_fields, check_seed, check_value, choices_of
+from ddpm.validation import (
+    SEED_LIMIT, SettingError, check_choice, check_fields, check_seed, check_value, choices_of, options_of,
+)
 
 __all__ = [
     "Config", "ModelConfig", "DiffusionConfig", "DataConfig", "TrainConfig", "SampleConfig",
@@ -443,8 +444,7 @@ def _field_type(cls: type, name: str) -> Any:
 
 
 def _parse_text(text: str, annotation: Any, flag: str) -> Any:
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
+    options = options_of(annotation)
     lowered = text.strip().lower()
     if type(None) in options and lowered in ("none", "null"):
         return None

@@ -20,8 +20,8 @@ import typing
 from typing import Any, Literal
 
 __all__ = [
-    "SettingError", "check_value", "check_fields", "check_range", "require_positive", "whole_number", "check_choice", "check_seed", "SEED_LIMIT",
-    "describe_type", "choices_of",
+    "SettingError", "check_value", "check_fields", "check_range", "require_positive", "whole_number", "check_choice",
+    "check_seed", "SEED_LIMIT", "describe_type", "choices_of", "options_of",
 ]
 
 # torch's generators take 64-bit seeds, and a run derives seeds + 1, + 2 (and the test split's) from its own.
@@ -46,7 +46,8 @@ class SettingError(ValueError):
 
 # --- types ----------------------------------------------------------------------------------------
 
-def _options(annotation: Any) -> tuple[Any, ...]:
+def options_of(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a union annotation (``int | None`` -> (int, NoneType)), or the annotation alone."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return typing.get_args(annotation)
     return (annotation,)
@@ -54,7 +55,7 @@ def _options(annotation: Any) -> tuple[Any, ...]:
 
 def choices_of(annotation: Any) -> tuple[Any, ...] | None:
     """The allowed values of a ``Literal[...]`` annotation (or ``Literal[...] | None``), else None."""
-    for option in _options(annotation):
+    for option in options_of(annotation):
         if typing.get_origin(option) is Literal:
             return typing.get_args(option)
     return None
@@ -63,7 +64,7 @@ def choices_of(annotation: Any) -> tuple[Any, ...] | None:
 def describe_type(annotation: Any) -> str:
     """What an annotation allows, in words: "an integer or none", "'linear' | 'cosine'"."""
     words = []
-    for option in _options(annotation):
+    for option in options_of(annotation):
         if option is type(None):
             words.append("none")
         elif typing.get_origin(option) is Literal:
@@ -81,7 +82,7 @@ def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
 
     bool is never an int here (ch=True is a mistake, not 1); an integer is a float (JSON writes 1.0
     as 1); a list is a tuple (JSON has no tuples); numpy's integers are ints."""
-    for option in _options(annotation):
+    for option in options_of(annotation):
         origin = typing.get_origin(option)
         if option is type(None):
             if value is None:
@@ -117,7 +118,7 @@ def check_value(name: str, value: Any, annotation: Any) -> Any:
     ok, converted = _convert(value, annotation)
     if ok:
         return converted
-    options = _options(annotation)
+    options = options_of(annotation)
     if all(typing.get_origin(o) is Literal or o is type(None) for o in options):  # a choice
         none = " (or none)" if type(None) in options else ""
         raise SettingError(name, value, f"choose from: {', '.join(map(str, choices_of(annotation)))}{none}")
