@@ -10,7 +10,7 @@ from pathlib import Path
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, config_to_dict
 
-__all__ = ["Metrics", "NoMetrics"]
+__all__ = ["Metrics", "NoMetrics", "line_step"]
 
 
 class Metrics:
@@ -72,7 +72,7 @@ def _cut_back(path: Path, resume_step: int) -> None:
     steps are redone) and any torn or damaged line, by writing the kept lines to a new file and
     renaming it over the old one: a failed write (disk full) leaves the history as it was."""
     kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if (step := _line_step(line)) is not None and step <= resume_step]
+            if (step := line_step(line)) is not None and step <= resume_step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as file:
@@ -85,7 +85,7 @@ def _cut_back(path: Path, resume_step: int) -> None:
         raise ckpt.StorageError(ckpt.describe_os_error(error, path)) from None
 
 
-def _line_step(line: str) -> int | None:
+def line_step(line: str) -> int | None:
     """The step of a whole metrics line; None for a torn or damaged one."""
     try:
         record = json.loads(line)

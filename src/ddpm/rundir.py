@@ -24,6 +24,7 @@ from torch import nn
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, config_from_dict, config_to_dict, resumable_fields
 from ddpm.data import DATASETS, Dataset
+from ddpm.metrics_log import line_step
 from ddpm.models import model_config_dict
 
 try:
@@ -238,7 +239,7 @@ def check_nothing_was_lost(run_dir: Path, config: Config) -> None:
         raise RunDirError(f"--resume: {root} holds no complete checkpoint to continue from; nothing was changed. "
                           f"Restore the checkpoints, or start the run again with --overwrite")
     first = min(config.train.checkpoint_every, config.train.steps)
-    logged = max((step for step in map(_logged_step, _lines(run_dir / "metrics.jsonl")) if step is not None),
+    logged = max((step for step in map(line_step, _lines(run_dir / "metrics.jsonl")) if step is not None),
                  default=0)
     if logged > first:  # step `first` is logged just before its checkpoint is written
         raise RunDirError(f"--resume: {run_dir} logged step {logged}, so it wrote a checkpoint at step {first}, but "
@@ -250,14 +251,6 @@ def _lines(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return []
-
-
-def _logged_step(line: str) -> int | None:
-    try:
-        step = json.loads(line).get("step")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def run_metadata(config: Config, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
