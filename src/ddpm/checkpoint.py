@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ddpm.models import unwrap_model as _unwrap
 
 __all__ = [
-    "CheckpointError", "StorageError", "describe_os_error", "CHECKPOINT_FILES", "RUN_FORMAT", "checkpoint_name", "strict_json", "write_json", "read_json",
+    "CheckpointError", "StorageError", "describe_os_error", "write_text", "CHECKPOINT_FILES", "RUN_FORMAT", "checkpoint_name", "strict_json", "write_json", "read_json",
     "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors",
     "optimizer_state_to_tensors", "optimizer_state_from_tensors", "find_run_files", "FORMAT_VERSION",
     "training_state", "restore_training_state", "read_checkpoint", "read_run_config", "check_state",
@@ -115,15 +115,14 @@ def strict_json(data: Any) -> Any:
     return data
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temporary file, flush, rename); nan and inf as null.
-    A failed write leaves ``path`` as it was and raises a StorageError naming it."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, flush, rename). A failed write leaves
+    ``path`` as it was and raises a StorageError naming it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(strict_json(data), f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -131,6 +130,11 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise StorageError(describe_os_error(error, path)) from None
     _fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (``write_text``); nan and inf as null."""
+    write_text(path, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path, what: str, data: bytes | None = None) -> Any:

@@ -4,7 +4,6 @@ for. Only rank 0 logs; the other processes get ``NoMetrics``."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ddpm import checkpoint as ckpt
@@ -73,16 +72,7 @@ def _cut_back(path: Path, resume_step: int) -> None:
     renaming it over the old one: a failed write (disk full) leaves the history as it was."""
     kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
             if (step := line_step(line)) is not None and step <= resume_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write("".join(line + "\n" for line in kept))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise ckpt.StorageError(ckpt.describe_os_error(error, path)) from None
+    ckpt.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def line_step(line: str) -> int | None:
