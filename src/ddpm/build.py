@@ -54,7 +54,8 @@ def resolve_device(name: str, world: distributed.World = distributed.SINGLE, *,
 def build_schedule(config: Config) -> NoiseSchedule:
     d = config.diffusion
     # About 30 tables of T float64 or float32 numbers while they are made.
-    check_fits(f"the noise schedule's tables (T = {d.num_steps})", 30 * 8.0 * d.num_steps, "diffusion.num_steps")
+    check_fits(f"the noise schedule's tables (T = {d.num_steps})", 30 * 8.0 * d.num_steps,
+               "change diffusion.num_steps")
     return NoiseSchedule(d.schedule, d.num_steps, beta_start=d.beta_start, beta_end=d.beta_end)
 
 
@@ -107,7 +108,7 @@ def check_model_fits(model: nn.Module, copies: int, setting: str, device: str = 
     """Refuse, in one line naming ``setting``, a network (built on the meta device: shapes only) whose
     ``copies`` float32 copies exceed the memory of ``device``."""
     count = sum(p.numel() for p in model.parameters())
-    check_fits(f"the model ({count:,} parameters, {copies} copies)", 4.0 * count * copies, setting,
+    check_fits(f"the model ({count:,} parameters, {copies} copies)", 4.0 * count * copies, f"change {setting}",
                "cpu" if device == "auto" else device)
 
 

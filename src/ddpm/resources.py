@@ -4,7 +4,7 @@ Sizes are estimated before anything is allocated (a model's parameter count, T's
 bytes from an .npy header or an image's size), so that a setting asking for 100 GB fails at once with
 a line that names it, instead of after minutes of swapping or with the kernel's OOM killer.
 
-    check_fits("the training data", 4 * n * c * h * w, "data.image_size")
+    check_fits("the training data", 4 * n * c * h * w, "lower --image-size")
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_fits(what: str, needed: float, setting: str, device: str = "cpu") -> None:
-    """A ResourceError when ``needed`` bytes for ``what`` exceed the memory of ``device``; the message
-    names ``setting``, the one to change."""
+def check_fits(what: str, needed: float, advice: str, device: str = "cpu",
+               error: type[ValueError] = ResourceError) -> None:
+    """Raise ``error`` (a ResourceError unless given, e.g. a DataError for the loaders) when ``needed``
+    bytes for ``what`` exceed the memory of ``device``; ``advice`` says what to change."""
     available = memory_bytes(device)
     if needed > available:
         place = "this machine's memory" if not str(device).startswith("cuda") else f"{device}'s memory"
-        raise ResourceError(f"{what} would need {human_bytes(needed)}, more than {place} "
-                            f"({human_bytes(available)}); change {setting}")
+        raise error(f"{what} would need {human_bytes(needed)}, more than {place} ({human_bytes(available)}); "
+                    f"{advice}")

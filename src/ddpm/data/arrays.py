@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ddpm.data.errors import DataError
 from ddpm.data.transforms import uint8_to_float
-from ddpm.resources import human_bytes, memory_bytes
+from ddpm.resources import check_fits
 
 __all__ = ["ArrayData", "load_array", "array_to_tensor"]
 
@@ -103,11 +103,8 @@ def _check_header(fp: BinaryIO, size: int, source: str, holder: str) -> None:
         raise DataError(f"{source} is damaged or truncated: the header declares {declared} bytes "
                         f"(shape {shape}, {dtype}), {holder} holds {held}; write or download it again")
     # At least the array as stored, or the float32 tensor made from it, whichever is larger.
-    needed, available = max(declared, 4 * count), memory_bytes()
-    if needed > available:
-        raise DataError(f"{source} declares an array of shape {shape} ({dtype}) that needs at least "
-                        f"{human_bytes(needed)} to load, more than this machine's memory "
-                        f"({human_bytes(available)}); store fewer or smaller examples in the file")
+    check_fits(f"{source}: the array its header declares, of shape {shape} ({dtype}),", max(declared, 4 * count),
+               "store fewer or smaller examples in the file", error=DataError)
 
 
 def array_to_tensor(array: np.ndarray, source: str) -> tuple[Tensor, str]:

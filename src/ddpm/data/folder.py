@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ddpm.data._checks import require_channels, require_int
 from ddpm.data.errors import DataError
-from ddpm.resources import human_bytes, memory_bytes
+from ddpm.resources import check_fits
 
 __all__ = ["IMAGE_SUFFIXES", "FolderImages", "list_image_files", "load_image_folder", "skipped_message"]
 
@@ -111,12 +111,9 @@ def _own_size(path: Path, image: Image.Image) -> int:
 def _check_fits(root: Path, count: int, size: int, channels: int, first: Path | None) -> None:
     """Refuse a folder whose images, as the float32 tensor they become, exceed this machine's memory.
     first: the image the size was taken from, when image_size was not given."""
-    needed, available = 4 * count * channels * size * size, memory_bytes()
-    if needed > available:
-        origin = f" (the size of its first image, {first.name})" if first else ""
-        raise DataError(f"{root}: {count} images of {channels}x{size}x{size}{origin} need {human_bytes(needed)} "
-                        f"as float32, more than this machine's memory ({human_bytes(available)}); "
-                        "lower --image-size or --num-examples")
+    origin = f" (the size of its first image, {first.name})" if first else ""
+    check_fits(f"{root}: {count} images of {channels}x{size}x{size}{origin} as float32",
+               4.0 * count * channels * size * size, "lower --image-size or --num-examples", error=DataError)
 
 
 def _is_gray(image: Image.Image) -> bool:
