@@ -99,7 +99,8 @@ def main() -> None:
                 if sampler in args.work:
                     works.append((f"sample {sampler.upper()}-{steps}", sampling(ddpm, new_net, sampler, steps),
                                   sampling(old, old_net, sampler, steps), args.rounds))
-        for name, preset, shape in (("mnist", "unet-mnist", (64, 1, 28, 28)), ("cifar", "unet-cifar10", (32, 3, 32, 32))):
+        trainings = (("mnist", "unet-mnist", (64, 1, 28, 28)), ("cifar", "unet-cifar10", (32, 3, 32, 32)))
+        for name, preset, shape in trainings:
             if name in args.work:
                 new_net, old_net = networks(old, preset)
                 works.append((f"train {preset} fp32, batch {shape[0]}", training(ddpm, new_net.train(), shape),

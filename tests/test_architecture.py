@@ -112,7 +112,8 @@ def test_sampling_and_evaluating_never_import_the_training_module(tiny_run, tmp_
     script = (
         "import sys\n"
         "from ddpm.cli import main\n"
-        f"assert main(['sample', {str(tiny_run)!r}, '--num', '2', '--quiet', '--out', {str(tmp_path / 'x.npz')!r}]) == 0\n"
+        f"assert main(['sample', {str(tiny_run)!r}, '--num', '2', '--quiet', "
+        f"'--out', {str(tmp_path / 'x.npz')!r}]) == 0\n"
         f"assert main(['eval', {str(tiny_run)!r}, '--metric', 'square', '--num', '2', '--quiet', "
         f"'--json', {str(tmp_path / 'e.json')!r}]) == 0\n"
         "import ddpm\n"

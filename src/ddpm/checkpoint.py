@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ddpm.models import unwrap_model as _unwrap
 
 __all__ = [
-    "CheckpointError", "StorageError", "describe_os_error", "write_text", "CHECKPOINT_FILES", "RUN_FORMAT", "checkpoint_name", "strict_json", "write_json", "read_json",
+    "CheckpointError", "StorageError", "describe_os_error", "write_text", "CHECKPOINT_FILES", "RUN_FORMAT",
+    "checkpoint_name", "strict_json", "write_json", "read_json",
     "save_checkpoint", "latest_checkpoint", "list_checkpoints", "load_weights", "load_tensors",
     "optimizer_state_to_tensors", "optimizer_state_from_tensors", "find_run_files", "FORMAT_VERSION",
     "training_state", "restore_training_state", "read_checkpoint", "read_run_config", "check_state",
@@ -445,8 +446,9 @@ def load_weights(model: nn.Module, path: str | Path, what: str = "weights", data
     other_type = sorted(k for k in set(expected) & set(tensors) if expected[k].dtype != tensors[k].dtype)
     if other_type and not (missing or unexpected or wrong):  # e.g. integers, which would load as truncated values
         key = other_type[0]
-        raise CheckpointError(f"{path}: tensor {key!r} is {str(tensors[key].dtype).removeprefix('torch.')}, the model "
-                              f"needs {str(expected[key].dtype).removeprefix('torch.')} ({len(other_type)} such tensors)")
+        got, needed = (str(t[key].dtype).removeprefix("torch.") for t in (tensors, expected))
+        raise CheckpointError(f"{path}: tensor {key!r} is {got}, the model needs {needed} "
+                              f"({len(other_type)} such tensors)")
     if missing or unexpected or wrong:
         detail = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}" if unexpected
                   else f"{wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, "

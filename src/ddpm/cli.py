@@ -127,7 +127,8 @@ def _train(args: argparse.Namespace) -> int:
         pictures = result.run_dir / "samples"
         taken = result.step - result.start_step
         if taken == 0:
-            done = f"the run was already at step {result.step} of {result.step}: nothing to train (give a larger --steps)"
+            done = (f"the run was already at step {result.step} of {result.step}: nothing to train "
+                    f"(give a larger --steps)")
         else:
             since = f" (steps {result.start_step} to {result.step})" if result.start_step else ""
             done = f"trained {taken} steps{since} in {result.seconds:.0f} s; last loss {result.loss:.4f}"
@@ -265,15 +266,17 @@ def _sample(args: argparse.Namespace) -> int:
             frames.append(step.x_prev[:keep].cpu())
             labels.append(f"after t = {step.t}")
 
-    samples = run.sample(args.num, options=options, ema=not args.raw, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
-                         callback=record if trajectory is not None else None, cuda_graph=args.cuda_graph)
+    samples = run.sample(args.num, options=options, ema=not args.raw, batch_size=args.batch_size, seed=args.seed,
+                         progress=not args.quiet, callback=record if trajectory is not None else None,
+                         cuda_graph=args.cuda_graph)
     try:
         _write_samples(samples, out, args, run.kind)
         if trajectory is not None:
             _save_trajectory(frames, labels, trajectory, run.kind)
     except OSError as error:
         raise StorageError(describe_os_error(error, getattr(error, "filename", None) or out)) from None
-    what = f"{len(samples)} samples ({options.sampler}, {options.steps or run.schedule.num_steps} steps, seed {args.seed})"
+    steps = options.steps or run.schedule.num_steps
+    what = f"{len(samples)} samples ({options.sampler}, {steps} steps, seed {args.seed})"
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0
 

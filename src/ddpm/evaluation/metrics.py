@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["in_batches", "FeatureStatistics", "feature_statistics", "frechet_distance", "energy_distance", "square_error"]
+__all__ = ["in_batches", "FeatureStatistics", "feature_statistics", "frechet_distance", "energy_distance",
+           "square_error"]
 
 
 def in_batches(apply: Callable[[Tensor], Tensor], images: Tensor, batch_size: int, device: torch.device,
