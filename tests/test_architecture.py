@@ -42,13 +42,13 @@ def test_sample_and_eval_take_every_sampling_option_as_a_flag(capsys):
     from ddpm.config import sample_flag_fields
 
     flags = {f.flag for f in sample_flag_fields()}
-    assert flags == {"--sampler", "--steps", "--eta", "--variance", "--spacing", "--clip"}
+    assert flags == {"--sampler", "--steps", "--eta", "--variance", "--spacing", "--clip", "--threshold"}
     for command in ("sample", "eval"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
         assert all(flag in text for flag in flags), command
-        assert "one of: ddpm, ddim" in " ".join(text.split())  # the choices are listed, not learned from an error
+        assert "one of: ddpm, ddim, euler, heun, ipndm, dpm++2m, dpm++3m" in " ".join(text.split())  # the choices are listed, not learned from an error
 
 
 def test_sample_dispatches_by_name_to_the_registered_loop(monkeypatch):
@@ -59,11 +59,14 @@ def test_sample_dispatches_by_name_to_the_registered_loop(monkeypatch):
         seen.update(timesteps=timesteps, options=options, first=denoiser(x, timesteps[0]))
         return torch.full_like(x, 7.0)
 
-    monkeypatch.setitem(SAMPLERS, "ddim", fake)
+    monkeypatch.setitem(SAMPLERS, "ddim", SAMPLERS["ddim"]._replace(walk=fake))
     schedule = ddpm.NoiseSchedule("linear", 100)
     out = sample(lambda x, t: torch.zeros_like(x), schedule, (2, 3), sampler="ddim", steps=4, eta=0.25)
     assert torch.equal(out, torch.full((2, 3), 7.0))
     assert seen["timesteps"] == timestep_sequence(100, 4) and seen["options"].eta == 0.25
+    # the grid: the sampler's own unless the options name one
+    sample(lambda x, t: torch.zeros_like(x), schedule, (2, 3), sampler="ddim", steps=4, spacing="trailing")
+    assert seen["timesteps"] == timestep_sequence(100, 4, "trailing") == [99, 74, 49, 24]
     pred_x0, pred_eps = seen["first"]
     assert torch.equal(pred_eps, torch.zeros(2, 3))
 

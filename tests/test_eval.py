@@ -209,3 +209,53 @@ def test_cifar10_preset_run_gets_bpd_on_its_test_split(tmp_path, capsys):
     bpd = json.loads((tmp_path / "e.json").read_text())["metrics"]["bpd"]
     assert list(json.loads((tmp_path / "e.json").read_text())["metrics"]) == ["bpd"]
     assert bpd["examples"] == 3 and 0 < bpd["bpd"] < 30
+
+
+# --- sample quality logged during training (--eval-metric) -------------------------------------------
+
+def _metric_lines(run_dir: Path, prefix: str) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line for line in lines if any(key.startswith(prefix) for key in line)}
+
+
+def test_eval_metric_logs_the_datas_own_metric_during_training(tmp_path):
+    """--eval-metric auto on the square: the error to the square every 3 steps and at the end, in
+    metrics.jsonl and TensorBoard, equal to what `ddpm eval` measures with the same options afterwards."""
+    config = build_config("square-fast", {"diffusion": {"num_steps": 50},
+                                          "train": {**TINY_TRAIN, "steps": 7, "checkpoint_every": 7,
+                                                    "tensorboard": True, "eval_metric": "auto",
+                                                    "eval_metric_every": 3, "eval_metric_num": 12},
+                                          "sample": {"sampler": "dpm++2m", "steps": 6}})
+    run_dir = train(config, tmp_path / "run", progress=False, log=lambda message: None).run_dir
+    logged = _metric_lines(run_dir, "square/")
+    assert sorted(logged) == [3, 6, 7] and logged[7]["square/samples"] == 12
+    run = ddpm.load(run_dir)
+    again = evaluate_run(run, ["square"], EvalOptions(num=12, seed=0, progress=False))["square"]
+    assert logged[7]["square/mean"] == pytest.approx(again["mean"], rel=1e-5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("square/mean")] == [3, 6, 7]
+
+
+def test_eval_metric_fid_mnist_on_an_mnist_run(tmp_path, monkeypatch, classifier_cache):
+    from conftest import MNIST_DIR
+
+    monkeypatch.setenv("DDPM_CACHE", str(classifier_cache))
+    config = build_config("mnist", {"data": {"data_dir": str(MNIST_DIR), "heldout": 0},
+                                    "train": {**TINY_TRAIN, "steps": 2, "checkpoint_every": 2, "warmup": 0,
+                                              "eval_metric": "fid-mnist", "eval_metric_every": 2,
+                                              "eval_metric_num": 16},
+                                    "sample": {"sampler": "dpm++2m", "steps": 5}})
+    run_dir = train(config, tmp_path / "mnist", progress=False, log=lambda message: None).run_dir
+    logged = _metric_lines(run_dir, "fid-mnist/")[2]
+    assert logged["fid-mnist/fid"] > logged["fid-mnist/fid_of_real_digits"] > 0 and logged["fid-mnist/samples"] == 16
+
+
+def test_an_eval_metric_the_data_cannot_have_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--num-steps", "20", "--quiet",
+                 "--eval-metric", "fid-mnist"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "fid-mnist metric needs a run trained on mnist" in err
+    assert not (tmp_path / "run").exists()

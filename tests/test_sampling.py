@@ -241,10 +241,13 @@ def bad(**kwargs):
 
 
 @pytest.mark.parametrize("call, message", [
-    (bad(sampler="euler"), "sampler = 'euler' is not allowed; choose from: ddpm, ddim"),
+    (bad(sampler="euler2"), "sampler = 'euler2' is not allowed; choose from: ddpm, ddim, euler, heun, ipndm, "
+                            "dpm++2m, dpm++3m"),
     (bad(variance="learned"), "variance = 'learned' is not allowed; choose from: fixed_small, fixed_large"),
     (bad(prediction="score"), "prediction = 'score' is not allowed; choose from: eps, x0, v"),
-    (bad(spacing="quadratic"), "spacing = 'quadratic' is not allowed; choose from: uniform, leading"),
+    (bad(spacing="quad"), "spacing = 'quad' is not allowed; choose from: uniform, leading, trailing, quadratic, "
+                          "logsnr, karras (or none)"),
+    (bad(threshold=1.5), "threshold = 1.5 is not allowed; it must be in (0, 1]"),
     (bad(steps=0), "steps = 0 is not allowed; it must be at least 1"),
     (bad(steps=1001), "steps = 1001 is not allowed; use an integer in 1..1000"),
     (bad(steps=2.0), "steps = 2.0 is not allowed; expected an integer or none"),

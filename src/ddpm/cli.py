@@ -275,8 +275,10 @@ def _sample(args: argparse.Namespace) -> int:
             _save_trajectory(frames, labels, trajectory, run.kind)
     except OSError as error:
         raise StorageError(describe_os_error(error, getattr(error, "filename", None) or out)) from None
-    steps = options.steps or run.schedule.num_steps
-    what = f"{len(samples)} samples ({options.sampler}, {steps} steps, seed {args.seed})"
+    walk = ddpm.sampling.walk_timesteps(run.schedule, options)
+    calls = ddpm.sampling.network_calls(options, walk)
+    grid = options.spacing or ddpm.sampling.SAMPLERS[options.sampler].grid
+    what = f"{len(samples)} samples ({options.sampler}, {calls} network calls on the {grid} grid, seed {args.seed})"
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0
 

@@ -130,6 +130,13 @@ class TrainConfig:
     keep_checkpoints: int = _field(3, "how many recent checkpoints to keep", minimum=1, resumable=True)
     sample_every: int = _field(1000, "save a sample grid every this many steps (0: only at the end)", minimum=0,
                                resumable=True)
+    eval_metric: Literal["auto", "fid-mnist", "energy", "square", "gradient"] | None = _field(
+        None, "log sample quality during training: auto (the data's own: fid-mnist for MNIST, energy for points, "
+              "...) or a metric's name; None: off", resumable=True)
+    eval_metric_every: int = _field(1000, "measure --eval-metric every this many steps (and at the end)", minimum=1,
+                                    resumable=True)
+    eval_metric_num: int = _field(200, "samples per --eval-metric measurement, drawn with the run's [sample] options",
+                                  minimum=2, resumable=True)
     tensorboard: bool = _field(True, "also write TensorBoard event files (needs the tensorboard package)",
                                resumable=True)
     wandb: bool = _field(False, "log to Weights & Biases (WANDB_MODE=offline works)", resumable=True)
@@ -148,16 +155,20 @@ class SampleConfig:
     two commands, and what ``ddpm.sample`` checks its arguments with. A field with ``used_by`` is read by
     those samplers only; any other sampler refuses a value other than its default."""
 
-    sampler: Literal["ddpm", "ddim"] = _field("ddpm", "ddpm (Algorithm 2) or ddim (eq. 12)", resumable=True)
-    steps: int | None = _field(None, "timesteps to visit, one network call each; None: all T", flag="sample-steps",
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "ipndm", "dpm++2m", "dpm++3m"] = _field(
+        "ddpm", "ddpm (Algorithm 2), ddim (eq. 12) or an ODE solver (docs/sampling.md)", resumable=True)
+    steps: int | None = _field(None, "network calls the walk may make (heun: 2 a step); None: T", flag="sample-steps",
                                minimum=1, resumable=True)
     eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 like DDPM", used_by=("ddim",), minimum=0.0,
                         maximum=1.0, resumable=True)
     variance: Literal["fixed_small", "fixed_large"] = _field(
         "fixed_small", "sigma_t^2 of DDPM's reverse steps: beta tilde_t or beta_t", used_by=("ddpm",), resumable=True)
-    spacing: Literal["uniform", "leading"] = _field("uniform", "which timesteps a shorter walk visits",
-                                                     resumable=True)
+    spacing: Literal["uniform", "leading", "trailing", "quadratic", "logsnr", "karras"] | None = _field(
+        None, "the timestep grid a shorter walk visits; None: the sampler's own", resumable=True)
     clip: bool = _field(True, "clip the predicted x0 to [-1, 1] (images only)", resumable=True)
+    threshold: float | None = _field(None, "dynamic thresholding: clip x0 at this quantile of |x0| (e.g. 0.995) "
+                                     "and rescale into [-1, 1]; replaces clip (images only)", above=0.0, maximum=1.0,
+                                     resumable=True)
     num_samples: int = _field(16, "images in each sample grid drawn during training", minimum=1, resumable=True,
                               train_only=True)
 
@@ -177,6 +188,10 @@ class SampleConfig:
         check_choice("sampler", sampler, choices_of(_SAMPLE_HINTS["sampler"]))
         reset = {f.name: f.default for f in dataclasses.fields(self) if f.name == "steps" or "used_by" in f.metadata}
         return dataclasses.replace(self, sampler=sampler, **reset)
+
+    def unbounded(self) -> SampleConfig:
+        """These options for data without a bounded range (points): no clipping, no thresholding."""
+        return dataclasses.replace(self, clip=False, threshold=None)
 
     def replace(self, **asked: Any) -> SampleConfig:
         """These options with those in ``asked`` that are not None (as flags and keyword arguments come),

@@ -132,11 +132,13 @@ def _check_output(output: Any, x_t: Tensor) -> None:
 
 
 def denoise(schedule: NoiseSchedule, model_output: Tensor, x_t: Tensor, t: Tensor,
-            prediction: Prediction = "eps", clip_denoised: bool = False) -> Denoised:
+            prediction: Prediction = "eps", clip_denoised: bool = False, threshold: float | None = None
+            ) -> Denoised:
     """Turn a model output into (x0, eps) predictions.
 
-    With ``clip_denoised`` x0 is clipped to the data range [-1, 1] and eps is recomputed from the
-    clipped x0, so that any sampler built on (x0, eps) stays consistent with x_t.
+    With ``clip_denoised`` x0 is clipped to the data range [-1, 1]; with ``threshold`` it is dynamically
+    thresholded instead (``dynamic_threshold``). Either way eps is recomputed from the new x0, so
+    that any sampler built on (x0, eps) stays consistent with x_t.
     """
     _check_output(model_output, x_t)
     if prediction == "eps":
@@ -150,10 +152,22 @@ def denoise(schedule: NoiseSchedule, model_output: Tensor, x_t: Tensor, t: Tenso
         pred_eps = predict_eps_from_v(schedule, x_t, t, model_output)
     else:
         check_choice("prediction", prediction, PREDICTIONS)
-    if clip_denoised:
+    if threshold is not None:
+        pred_x0 = dynamic_threshold(pred_x0, threshold)
+    elif clip_denoised:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    if threshold is not None or clip_denoised:
         pred_eps = predict_eps_from_x0(schedule, x_t, t, pred_x0)
     return Denoised(pred_x0, pred_eps)
+
+
+def dynamic_threshold(x0: Tensor, quantile: float) -> Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, sec. 2.3): per example, s = the ``quantile`` of |x0|
+    over its values, at least 1; x0 is clipped to [-s, s] and divided by s. An x0 already inside
+    [-1, 1] is left as it is; a saturated one is pulled inwards rather than flattened at +-1."""
+    flat = x0.flatten(1).abs().float()
+    s = torch.quantile(flat, quantile, dim=1).clamp(min=1.0).to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 # --- training objective (Algorithm 1) ------------------------------------------------------------

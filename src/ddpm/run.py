@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ddpm.build import load_saved, resolve_device
 from ddpm.config import Config, SampleConfig
-from ddpm.sampling import SamplerStep, sample_with, timestep_sequence
+from ddpm.sampling import SamplerStep, network_calls, sample_with, walk_timesteps
 from ddpm.schedule import NoiseSchedule
 from ddpm.validation import SettingError, check_seed, whole_number
 
@@ -39,14 +39,14 @@ class Run:
 
     def sample_options(self, **asked: Any) -> SampleConfig:
         """The sampling options of this run: its [sample] config, with those in ``asked`` (sampler,
-        steps, eta, variance, spacing, clip; None: the run's) on top. Another sampler than the run's
-        starts from its defaults (all T steps, eta 0, ...), not from the run's walk. clip applies to
-        images only (points have no bounded range)."""
+        steps, eta, variance, spacing, clip, threshold; None: the run's) on top. Another sampler than
+        the run's starts from its defaults (T calls, eta 0, ...), not from the run's walk. clip and
+        threshold apply to images only (points have no bounded range)."""
         options = self.config.sample.replace(**asked)
         if options.steps is not None and options.steps > self.schedule.num_steps:
             raise SettingError("steps", options.steps, f"this run has T = {self.schedule.num_steps}, "
                                                        f"so use 1..{self.schedule.num_steps}")
-        return options if self.kind == "image" else options.replace(clip=False)
+        return options if self.kind == "image" else options.unbounded()
 
     def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
                clip: bool | None = None, options: SampleConfig | None = None, ema: bool = True,
@@ -67,8 +67,9 @@ class Run:
             generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
         model = self.ema_model if ema else self.model.eval()
         batches = range(0, n, batch_size)
-        walk = len(timestep_sequence(self.schedule.num_steps, options.steps, options.spacing))
-        with tqdm(total=len(batches) * walk, desc=f"sampling {n} ({options.sampler}, {walk} steps)",
+        walk = walk_timesteps(self.schedule, options)
+        calls = network_calls(options, walk)
+        with tqdm(total=len(batches) * len(walk), desc=f"sampling {n} ({options.sampler}, {calls} calls)",
                   unit="step", disable=not progress, dynamic_ncols=True) as bar:
             def each_step(step: SamplerStep) -> None:
                 bar.update(1)

@@ -1,18 +1,25 @@
-"""Samplers: DDPM (Algorithm 2, optionally with x0 clipping) and DDIM (Song et al. 2021, eq. 12).
+"""Samplers: DDPM (Algorithm 2, optionally with x0 clipping), DDIM (Song et al. 2021, eq. 12) and the
+few-step ODE solvers of the probability-flow ODE: Euler and Heun on the sigma grid (Karras et al.
+2022), iPNDM (Zhang & Chen 2023) and DPM-Solver++ 2M / 3M (Lu et al. 2022).
 
-Each sampler is a plain function in ``SAMPLERS``, one visible loop over the (t, t_prev) pairs of a
-timestep sequence that reads its coefficients by name. The sequence is data made by one function
-(``timestep_sequence``) and always ends at t = 0 (t_prev = -1 stands for the clean data, alpha_bar = 1).
+Each sampler is a plain function in ``SAMPLERS``, one visible loop over the levels of a timestep grid
+(``ddpm.grids``) that reads its coefficients by name. A walk visits distinct trained timesteps,
+descending, and ends with a step into the clean data (t_prev = -1 stands for it: alpha_bar = 1).
 Samplers see the network only through a ``Denoiser``, ``denoiser(x_t, t) -> (pred_x0, pred_eps)``;
 ``sample()`` checks the options (a ``SampleConfig``), builds the denoiser and calls the sampler by name.
 
-Adding a sampler: write its function here, add it to ``SAMPLERS``, add its name to
-``SampleConfig.sampler`` (and to ``used_by`` of the options it reads), and test it.
+The ODE solvers work in the noise levels of the walk's timesteps (``walk_levels``), in float64:
+alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma) and the
+variance-exploding s = sigma / alpha (Karras's sigma). With y = x / alpha the probability-flow ODE is
+dy/ds = eps(x, s): DDIM is its Euler method, which is why ``euler`` and ``ddim`` take the same steps.
+
+Adding a sampler: write its function here, add it to ``SAMPLERS`` with its default grid, add its name
+to ``SampleConfig.sampler`` (and to ``used_by`` of the options it reads), and test it.
 """
 
 from __future__ import annotations
 
-import typing
+import math
 from collections.abc import Iterator
 from typing import Callable, NamedTuple, Protocol
 
@@ -22,30 +29,28 @@ from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig
 from ddpm.diffusion import PREDICTIONS, Denoised, Model, Prediction, denoise
+from ddpm.grids import timestep_grid
 from ddpm.schedule import NoiseSchedule, posterior_coefficients
-from ddpm.validation import SettingError, check_choice, choices_of, whole_number
+from ddpm.validation import SettingError, check_choice, whole_number
 
-SPACINGS: tuple[str, ...] = choices_of(typing.get_type_hints(SampleConfig)["spacing"])
+_TIME_ONLY_GRIDS = ("uniform", "leading", "trailing", "quadratic")
 
 
-def timestep_sequence(num_steps: int, steps: int | None = None, spacing: str = "uniform") -> list[int]:
-    """The trained timesteps a sampler visits, in the order it visits them (descending).
-
-    num_steps: T; steps: how many to visit (None: all T); spacing:
-      "uniform": evenly spaced from T-1 down to 0 inclusive (rounded), so the walk starts at the
-                 noisiest trained step and ends at the cleanest;
-      "leading": 0, T//S, 2*T//S, ... as in the DDIM paper's code; never starts at T-1.
-    Always ends at t = 0, except that a single step (steps=1) is taken from t = T-1.
-    """
-    check_choice("spacing", spacing, SPACINGS)
-    steps = whole_number("steps", num_steps if steps is None else steps, 1, num_steps)
-    if steps == 1:
-        return [num_steps - 1]
-    if spacing == "uniform":
-        grid = torch.linspace(0, num_steps - 1, steps, dtype=torch.float64).round().long()
+def timestep_sequence(schedule: NoiseSchedule | int, steps: int | None = None, spacing: str = "uniform"
+                      ) -> list[int]:
+    """The trained timesteps a walk of ``steps`` levels visits (None: all T), descending, as the grid
+    ``spacing`` picks them (``ddpm.grids``): e.g. uniform: evenly spaced from T-1 down to 0 (rounded);
+    leading: 0, T//S, 2*T//S, ... as in the DDIM paper's code. ``schedule`` may be T itself for the
+    grids that depend on t alone (uniform, leading, trailing, quadratic)."""
+    if isinstance(schedule, NoiseSchedule):
+        alpha_bar = schedule.alphas_cumprod_float64()
     else:
-        grid = torch.arange(steps, dtype=torch.long) * (num_steps // steps)
-    return grid.flip(0).tolist()
+        num_steps = whole_number("num_steps", schedule, 1)
+        if spacing not in _TIME_ONLY_GRIDS:
+            check_choice("spacing", spacing, (*_TIME_ONLY_GRIDS, "logsnr", "karras"))
+            raise ValueError(f"spacing {spacing!r} depends on the noise levels: pass the NoiseSchedule, not T")
+        alpha_bar = torch.full((num_steps,), 0.5, dtype=torch.float64)  # these grids read only its length
+    return timestep_grid(alpha_bar, alpha_bar.numel() if steps is None else steps, spacing)
 
 
 class StepCoefficients(NamedTuple):
@@ -155,7 +160,8 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timestep
                 options: SampleConfig, *, generator: torch.Generator | None = None,
                 callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Algorithm 2 with sigma_t^2 = beta tilde_t (variance "fixed_small") or beta_t ("fixed_large").
-    On fewer than T steps each step is the posterior of the merged steps (respacing)."""
+    On fewer than T steps each step is the posterior of the merged steps (respacing). Default grid:
+    uniform, which is every step on all T and otherwise starts at T-1, where x_T ~ N(0, I) holds."""
     c = step_coefficients(schedule, timesteps)
     variance = c.posterior_variance if options.variance == "fixed_small" else c.beta
     for i, t, t_prev in _walk(timesteps, "sampling (ddpm)", progress):
@@ -173,7 +179,8 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timestep
                 options: SampleConfig, *, generator: torch.Generator | None = None,
                 callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DDIM (eq. 12) with sigma = eta sqrt(beta tilde): eta = 0 is deterministic, and eta = 1 on all T
-    steps is the same walk as DDPM with fixed_small."""
+    steps is the same walk as DDPM with fixed_small. Default grid: uniform, so that the walk starts at
+    T-1 (the "leading" grid of the paper's code starts T/S - 1 steps short of pure noise)."""
     c = ddim_coefficients(schedule, timesteps, options.eta)
     for i, t, t_prev in _walk(timesteps, "sampling (ddim)", progress):
         pred_x0, pred_eps = denoiser(x, t)
@@ -185,7 +192,200 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timestep
     return x
 
 
-SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+# --- ODE solvers ----------------------------------------------------------------------------------
+
+class Levels(NamedTuple):
+    """The noise levels of a walk, one entry per timestep and a last for the clean data; floats in float64.
+
+    alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lam = log(alpha / sigma) (+inf for the data)
+    and s = sigma / alpha, the variance-exploding noise level (0 for the data)."""
+    alpha: list[float]
+    sigma: list[float]
+    lam: list[float]
+    s: list[float]
+
+
+def walk_levels(schedule: NoiseSchedule, timesteps: list[int]) -> Levels:
+    alpha_bar = schedule.alphas_cumprod_float64()[timesteps].tolist() + [1.0]
+    alpha = [math.sqrt(a) for a in alpha_bar]
+    sigma = [math.sqrt(1.0 - a) for a in alpha_bar]
+    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    return Levels(alpha, sigma, lam, [s / a for a, s in zip(alpha, sigma)])
+
+
+def ve_step(x: Tensor, slope: Tensor, levels: Levels, i: int) -> Tensor:
+    """One step of y = x / alpha along dy/ds = ``slope`` from level i to level i + 1, back in x."""
+    return levels.alpha[i + 1] * (x / levels.alpha[i] + (levels.s[i + 1] - levels.s[i]) * slope)
+
+
+def sample_euler(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                 options: SampleConfig, *, generator: torch.Generator | None = None,
+                 callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Euler's method for dy/ds = eps on the walk's levels: first order, one network call a step.
+    On any grid it takes DDIM's (eta = 0) steps exactly. Its default grid is Karras's, whose small steps
+    near the data are where a first-order method loses most (Karras et al. 2022, sec. 3)."""
+    levels = walk_levels(schedule, timesteps)
+    for i, t, _ in _walk(timesteps, "sampling (euler)", progress):
+        pred_x0, pred_eps = denoiser(x, t)
+        x_prev = ve_step(x, pred_eps, levels, i)
+        if callback is not None:
+            callback(SamplerStep(i, t, x, pred_x0, x_prev))
+        x = x_prev
+    return x
+
+
+def sample_heun(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                options: SampleConfig, *, generator: torch.Generator | None = None,
+                callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """Heun's method (Karras et al. 2022, Algorithm 1 without churn): an Euler step to the next level,
+    then the step again with the average of the slopes at both ends. Second order; two network calls a
+    step, one on the last (the step into the data is Euler's), so S levels cost 2 S - 1 calls. Karras's
+    grid by default, with which the paper measured it."""
+    levels = walk_levels(schedule, timesteps)
+    for i, t, t_prev in _walk(timesteps, "sampling (heun)", progress):
+        pred_x0, pred_eps = denoiser(x, t)
+        x_prev = ve_step(x, pred_eps, levels, i)
+        if t_prev >= 0:
+            _, eps_next = denoiser(x_prev, t_prev)
+            x_prev = ve_step(x, 0.5 * (pred_eps + eps_next), levels, i)
+        if callback is not None:
+            callback(SamplerStep(i, t, x, pred_x0, x_prev))
+        x = x_prev
+    return x
+
+
+# Adams-Bashforth weights for equal steps, newest slope first, by how many slopes are known.
+ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def sample_ipndm(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                 options: SampleConfig, *, generator: torch.Generator | None = None,
+                 callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """iPNDM (Zhang & Chen 2023, "improved PNDM"): dy/ds = eps stepped with the Adams-Bashforth
+    combination of the last four slopes, starting at orders 1, 2, 3 while fewer are known. One network
+    call a step. The weights are those of equal steps, so on an uneven grid it is not fourth order;
+    it is kept for what it gives at 5-20 calls (Zhou et al. 2024 measure it on Karras's grid, its default here)."""
+    levels = walk_levels(schedule, timesteps)
+    slopes: list[Tensor] = []
+    for i, t, _ in _walk(timesteps, "sampling (ipndm)", progress):
+        pred_x0, pred_eps = denoiser(x, t)
+        slopes = [pred_eps, *slopes[:3]]
+        slope = sum(w * e for w, e in zip(ADAMS_BASHFORTH[len(slopes) - 1], slopes))
+        x_prev = ve_step(x, slope, levels, i)
+        if callback is not None:
+            callback(SamplerStep(i, t, x, pred_x0, x_prev))
+        x = x_prev
+    return x
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                    options: SampleConfig, *, generator: torch.Generator | None = None,
+                    callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the exact solution of the ODE's linear part in
+    lambda, x_next = (sigma_next / sigma) x - alpha_next expm1(-h) D with h = lambda_next - lambda, where
+    D extrapolates the x0 predictions of this level and the one before (r = h_before / h):
+    D = (1 + 1 / 2r) x0 - (1 / 2r) x0_before. Second order; one call a step. The first step and the
+    step into the data (h infinite) use D = x0, and so does, in walks of under 15 levels, the step into
+    the last level, where uneven grids make r small and the extrapolation wild (DPM-Solver's
+    lower_order_final). Its default grid is even in lambda, the variable its error is a power of
+    (DPM-Solver's recommendation for low-resolution images)."""
+    levels = walk_levels(schedule, timesteps)
+    before: Tensor | None = None
+    for i, t, _ in _walk(timesteps, "sampling (dpm++2m)", progress):
+        pred_x0, _ = denoiser(x, t)
+        h = levels.lam[i + 1] - levels.lam[i]
+        if before is None or math.isinf(h) or (len(timesteps) < 15 and i == len(timesteps) - 2):
+            d = pred_x0
+        else:
+            r = (levels.lam[i] - levels.lam[i - 1]) / h
+            d = (1 + 0.5 / r) * pred_x0 - (0.5 / r) * before
+        x_prev = (levels.sigma[i + 1] / levels.sigma[i]) * x - levels.alpha[i + 1] * math.expm1(-h) * d
+        if callback is not None:
+            callback(SamplerStep(i, t, x, pred_x0, x_prev))
+        x, before = x_prev, pred_x0
+    return x
+
+
+def sample_dpmpp_3m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                    options: SampleConfig, *, generator: torch.Generator | None = None,
+                    callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """DPM-Solver++(3M): the exact integral of x0(lambda) e^lambda over the step, with x0(lambda) the
+    polynomial through the last three x0 predictions (in lambda):
+        x_next = (sigma_next / sigma) x + alpha_next (phi1 x0 + phi2 x0' + phi3 x0''),
+        phi1 = 1 - e^-h, phi2 = h - 1 + e^-h, phi3 = h^2 / 2 - h + 1 - e^-h,
+    x0' and x0'' the polynomial's derivatives at this level (divided differences). Third order; one
+    call a step. Lower orders where fewer predictions are known, and first order on the step into the
+    data and, in walks of under 15 levels, on the step into the last level, as dpm++2m. Default grid:
+    even in lambda, as dpm++2m.
+
+    diffusers' third-order DPM-Solver++ weights the x0'' term by half of phi3 and converges at second
+    order on the Gaussian closed form; this form converges at third order or better
+    (benchmarks/solver_order.py, docs/sampling.md)."""
+    levels = walk_levels(schedule, timesteps)
+    lam = levels.lam
+    known: list[Tensor] = []  # x0 predictions, newest first
+    for i, t, _ in _walk(timesteps, "sampling (dpm++3m)", progress):
+        pred_x0, _ = denoiser(x, t)
+        known = [pred_x0, *known[:2]]
+        h = lam[i + 1] - lam[i]
+        order = len(known)
+        if math.isinf(h):
+            order = 1
+        elif len(timesteps) < 15 and i == len(timesteps) - 2:
+            order = 1
+        phi1 = -math.expm1(-h)
+        update = phi1 * pred_x0
+        if order >= 2:
+            slope = (known[0] - known[1]) / (lam[i] - lam[i - 1])
+            if order == 3:
+                curve = (slope - (known[1] - known[2]) / (lam[i - 1] - lam[i - 2])) / (lam[i] - lam[i - 2])
+                update = update + (h * h / 2 - (h - phi1)) * 2 * curve
+                slope = slope + curve * (lam[i] - lam[i - 1])
+            update = update + (h - phi1) * slope
+        x_prev = (levels.sigma[i + 1] / levels.sigma[i]) * x + levels.alpha[i + 1] * update
+        if callback is not None:
+            callback(SamplerStep(i, t, x, pred_x0, x_prev))
+        x = x_prev
+    return x
+
+
+class SamplerEntry(NamedTuple):
+    """A registered sampler: its walk, its default timestep grid (``ddpm.grids``) and how many network
+    calls it makes per step between two levels (the step into the data always takes one)."""
+    walk: Sampler
+    grid: str
+    calls_per_step: int = 1
+
+    def levels(self, calls: int) -> int:
+        """How many levels a walk of at most ``calls`` network calls visits."""
+        return (calls - 1) // self.calls_per_step + 1
+
+    def calls(self, levels: int) -> int:
+        return (levels - 1) * self.calls_per_step + 1
+
+
+SAMPLERS: dict[str, SamplerEntry] = {
+    "ddpm": SamplerEntry(sample_ddpm, "uniform"),
+    "ddim": SamplerEntry(sample_ddim, "uniform"),
+    "euler": SamplerEntry(sample_euler, "karras"),
+    "heun": SamplerEntry(sample_heun, "karras", calls_per_step=2),
+    "ipndm": SamplerEntry(sample_ipndm, "karras"),
+    "dpm++2m": SamplerEntry(sample_dpmpp_2m, "logsnr"),
+    "dpm++3m": SamplerEntry(sample_dpmpp_3m, "logsnr"),
+}
+
+
+def walk_timesteps(schedule: NoiseSchedule, options: SampleConfig) -> list[int]:
+    """The timesteps a walk with ``options`` visits: as many levels as ``options.steps`` network calls
+    allow (None: T calls), on the options' grid or else the sampler's own."""
+    entry = SAMPLERS[options.sampler]
+    calls = schedule.num_steps if options.steps is None else options.steps
+    return timestep_sequence(schedule, entry.levels(calls), options.spacing or entry.grid)
+
+
+def network_calls(options: SampleConfig, timesteps: list[int]) -> int:
+    """The network calls a walk over ``timesteps`` makes with ``options``' sampler."""
+    return SAMPLERS[options.sampler].calls(len(timesteps))
 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -209,7 +409,8 @@ def sample(
     variance: str = "fixed_small",
     clip_denoised: bool = False,
     prediction: Prediction = "eps",
-    spacing: str = "uniform",
+    spacing: str | None = None,
+    threshold: float | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     callback: Callback | None = None,
@@ -219,16 +420,20 @@ def sample(
     """Draw samples of ``shape`` (B, ...) from the reverse process of a trained model.
 
     sampler: a name in ``SAMPLERS``: "ddpm" is Algorithm 2 with sigma_t^2 = beta tilde_t
-      ("fixed_small") or beta_t ("fixed_large"); "ddim" is eq. 12 with sigma = eta * sqrt(beta tilde).
-    steps: how many of the T trained timesteps to visit (None: all), chosen by ``spacing``.
+      ("fixed_small") or beta_t ("fixed_large"); "ddim" is eq. 12 with sigma = eta * sqrt(beta tilde);
+      "euler", "heun", "ipndm", "dpm++2m" and "dpm++3m" solve the probability-flow ODE (see each one).
+    steps: how many network calls the walk may make (None: T); Heun makes two a step, the others one.
+    spacing: the timestep grid (``ddpm.grids``; None: the sampler's own).
     clip_denoised: clip the predicted x0 to [-1, 1] before using it (the x0-clipped variant).
+    threshold: dynamic thresholding (Imagen): the quantile of |x0| per sample, e.g. 0.995, above which
+      x0 is clipped and rescaled into [-1, 1]; replaces clip_denoised.
     The options are checked as a ``SampleConfig`` (``sample_with`` takes one directly).
     noise: the starting x_T (default: drawn from ``generator``). Returns x_0, shape ``shape``.
     The callback receives a ``SamplerStep`` after every step.
     cuda_graph: replay the network as a CUDA graph (``ddpm.cuda_graph``); opt-in until measured on a GPU.
     """
     options = SampleConfig(sampler=sampler, steps=steps, eta=eta, variance=variance, spacing=spacing,
-                           clip=clip_denoised)
+                           clip=clip_denoised, threshold=threshold)
     return sample_with(model, schedule, shape, options, prediction=prediction, generator=generator, noise=noise,
                        callback=callback, progress=progress, cuda_graph=cuda_graph)
 
@@ -250,7 +455,7 @@ def sample_with(model: Model, schedule: NoiseSchedule, shape: tuple[int, ...], o
     if not isinstance(cuda_graph, bool):
         raise SettingError("cuda_graph", cuda_graph, "use True or False")
     shape = _check_shape(shape)
-    timesteps = timestep_sequence(schedule.num_steps, options.steps, options.spacing)
+    timesteps = walk_timesteps(schedule, options)
     device = schedule.device
     if cuda_graph:
         from ddpm.cuda_graph import GraphedModel
@@ -259,7 +464,7 @@ def sample_with(model: Model, schedule: NoiseSchedule, shape: tuple[int, ...], o
 
     def denoiser(x: Tensor, t: int) -> Denoised:
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        return denoise(schedule, model(x, t_batch), x, t_batch, prediction, options.clip)
+        return denoise(schedule, model(x, t_batch), x, t_batch, prediction, options.clip, options.threshold)
 
     # No autograd records. (torch.inference_mode was measured no faster: 1.007x on DDIM-50 of
     # unet-mnist, rounds 0.95-1.07, benchmarks/speed_tricks.py, docs/performance.md.)
@@ -270,8 +475,8 @@ def sample_with(model: Model, schedule: NoiseSchedule, shape: tuple[int, ...], o
             raise ValueError(f"noise must have shape {shape}; got {tuple(noise.shape)}")
         else:
             x = noise.to(device, torch.float32)
-        return SAMPLERS[options.sampler](denoiser, x, schedule, timesteps, options, generator=generator,
-                                         callback=callback, progress=progress)
+        return SAMPLERS[options.sampler].walk(denoiser, x, schedule, timesteps, options, generator=generator,
+                                              callback=callback, progress=progress)
 
 
 def ddim_invert(

@@ -31,6 +31,7 @@ from ddpm import checkpoint as ckpt
 from ddpm import distributed
 from ddpm.build import build_model_for, build_schedule, load_training_data, resolve_device, wants_channels_last
 from ddpm.config import Config, config_from_dict
+from ddpm.validation import SettingError
 from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
 from ddpm.metrics_log import Metrics, NoMetrics
@@ -39,7 +40,8 @@ from ddpm.rundir import (
     RunDirError, RunLock, check_nothing_was_lost, check_resume_config, data_paths, prepare_run_dir, run_metadata,
     start_run_dir,
 )
-from ddpm.sampling import sample_with, timestep_sequence
+from ddpm.run import Run
+from ddpm.sampling import network_calls, sample_with, walk_timesteps
 from ddpm.schedule import NoiseSchedule
 from ddpm.visualize import save_grid, scatter_png
 
@@ -230,6 +232,8 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     if world.active:
         notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
                      f"(global batch {t_cfg.batch_size})")
+    if t_cfg.eval_metric is not None:  # refused now, not after hours of training (nor with a run folder made)
+        check_eval_metric(Run(config, model, ema_model, schedule, dataset.kind, dataset.sample_shape, step, None))
     if not resuming and world.is_main:
         start_run_dir(run_dir, metadata, overwrite=overwrite)
     elif world.is_main and saved["config"] != metadata["config"]:
@@ -290,6 +294,11 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     metrics.log(step, values)
                 if due(t_cfg.checkpoint_every):
                     last_checkpoint = save()
+                if t_cfg.eval_metric is not None and due(t_cfg.eval_metric_every):
+                    window.raise_if_non_finite(last_checkpoint)
+                    if world.is_main:
+                        metrics.log(step, sample_quality(run, config, step, progress=progress))
+                        run.model.train()
                 if due(t_cfg.sample_every):
                     window.raise_if_non_finite(last_checkpoint)  # on every process, as they all know the loss
                     if world.is_main:
@@ -439,6 +448,46 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
     return out
 
 
+def sample_quality(run: _Setup, config: Config, step: int, progress: bool = False) -> dict[str, float]:
+    """The run's --eval-metric on samples of its EMA weights drawn with its [sample] options, as
+    {"METRIC/quantity": value} (e.g. "fid-mnist/fid"), the way `ddpm eval` would measure it now."""
+    from ddpm.evaluation import EvalOptions, evaluate_run
+
+    view = Run(config, run.model, run.ema_model, run.schedule, run.dataset.kind, run.dataset.sample_shape, step,
+               None)
+    metric = eval_metric_of(view)
+    options = EvalOptions(num=config.train.eval_metric_num, sample=view.sample_options(), seed=config.train.seed,
+                          data_dir=config.data.data_dir, progress=progress)
+    result = evaluate_run(view, [metric], options)[metric]
+    return {f"{metric}/{name}": float(value) for name, value in result.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def check_eval_metric(view: Run) -> None:
+    """Refuse an --eval-metric this run cannot have (e.g. fid-mnist on other data than MNIST)."""
+    from ddpm.evaluation.evaluate import check_metrics
+
+    metric = eval_metric_of(view)
+    try:
+        check_metrics(view, [metric])
+    except ValueError as error:
+        raise SettingError("train.eval_metric", metric, str(error)) from None
+
+
+def eval_metric_of(run: Run) -> str:
+    """The metric --eval-metric names for this run ("auto": the data's own sample metric)."""
+    from ddpm.evaluation import default_metrics
+
+    asked = run.config.train.eval_metric
+    own = [m for m in default_metrics(run) if m != "bpd"]
+    if asked != "auto":
+        return asked
+    if not own:
+        raise SettingError("train.eval_metric", asked, f"{run.config.data.source!r} has no sample metric of its "
+                                                         "own; name one (fid-mnist, energy, square, gradient)")
+    return own[0]
+
+
 def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, dataset: Dataset,
                  path: Path, progress: bool = False) -> None:
     """A grid of EMA samples (images) or a scatter of samples beside data (points; of their first two
@@ -448,10 +497,11 @@ def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, 
     s = config.sample
     generator = torch.Generator(schedule.device).manual_seed(config.train.seed + 4)
     shape = (s.num_samples, *dataset.sample_shape)
-    options = s if dataset.kind == "image" else s.replace(clip=False)  # points have no bounded range
-    walk = len(timestep_sequence(schedule.num_steps, options.steps, options.spacing))
-    with tqdm(total=walk, desc=f"sample grid ({s.num_samples} {dataset.kind}, {options.sampler}-{walk})", unit="step",
-              disable=not progress, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
+    options = s if dataset.kind == "image" else s.unbounded()  # points have no bounded range
+    walk = walk_timesteps(schedule, options)
+    calls = network_calls(options, walk)
+    with tqdm(total=len(walk), desc=f"sample grid ({s.num_samples} {dataset.kind}, {options.sampler}-{calls})",
+              unit="step", disable=not progress, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
         x = sample_with(ema_model, schedule, shape, options, prediction=config.diffusion.prediction,
                         generator=generator, callback=lambda step: bar.update(1))
     try:

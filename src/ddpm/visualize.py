@@ -132,6 +132,31 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: 
     make_grid(images, nrow=nrow, padding=padding, scale=scale).save(_prepare_path(path))
 
 
+def save_labelled_rows(rows: Mapping[str, Tensor], path: str | Path, scale: int | None = None,
+                       padding: int = 2) -> None:
+    """Save one row of images per label, the label written to its left: e.g. the same seeds drawn by
+    several samplers. Each value is (N, C, H, W) in [-1, 1], all of one shape."""
+    if not rows:
+        raise ValueError("save_labelled_rows needs at least one row")
+    shapes = {tuple(images.shape) for images in rows.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"every row must have one shape; got {sorted(shapes)}")
+    first = next(iter(rows.values()))
+    _check_images(first)
+    scale = _auto_scale(first.shape[-1], first.shape[0]) if scale is None else scale
+    strips = [make_grid(images, nrow=images.shape[0], padding=padding, scale=scale) for images in rows.values()]
+    font = _font(14)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(_text_size(measure, label, font)[0] for label in rows) + 12
+    width, height = strips[0].width, strips[0].height
+    canvas = Image.new("RGB", (label_width + width, height * len(strips)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, (label, strip) in enumerate(zip(rows, strips)):
+        canvas.paste(strip.convert("RGB"), (label_width, k * height))
+        _draw_text(draw, (label_width - 6, k * height + height / 2), label, font, align="right")
+    canvas.save(_prepare_path(path))
+
+
 def save_images(images: Tensor, directory: str | Path, start: int = 0) -> list[Path]:
     """Write each image of (N, C, H, W) in [-1, 1] as its own PNG: ``{start:06d}.png``, ... .
 

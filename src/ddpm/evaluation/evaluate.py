@@ -69,13 +69,19 @@ def _source_name(run: Run) -> str:
 
 def evaluate_run(run: Run, metrics: list[str], options: EvalOptions = EvalOptions()) -> dict[str, dict[str, Any]]:
     """Compute each named metric of ``run``; returns {metric: {quantity: value}}."""
+    evaluation = check_metrics(run, metrics, options)
+    return {metric: _METRIC_FUNCTIONS[metric](evaluation) for metric in metrics}
+
+
+def check_metrics(run: Run, metrics: list[str], options: EvalOptions = EvalOptions()) -> _Evaluation:
+    """Refuse, before any expensive work, a metric that is unknown or that this run cannot have."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}; allowed: {', '.join(METRICS)}")
     evaluation = _Evaluation(run, options)
     for metric in metrics:
         evaluation.check(metric)
-    return {metric: _METRIC_FUNCTIONS[metric](evaluation) for metric in metrics}
+    return evaluation
 
 
 class _Evaluation:
