@@ -421,7 +421,7 @@ BAD_VALUES = {
     "batch_size_negative": (["--batch-size", "-4"], ["batch"]),
     "lr_not_a_number": (["--lr", "abc"], ["lr", "abc"]),
     "unknown_preset": (["--preset", "nonesuch"], ["preset", "nonesuch"]),
-    "unknown_sampler": (["--sampler", "euler"], ["sampler", "euler"]),
+    "unknown_sampler": (["--sampler", "euler2"], ["sampler", "euler2"]),
 }
 
 
@@ -739,13 +739,13 @@ def test_sample_steps_above_T(outcomes):
 
 @case
 def setup_sample_unknown_sampler(tmp: Path, trained: Trained) -> Command:
-    return Command(["sample", str(trained.square), "--num", "2", "--sampler", "euler", "--out", "x.png",
+    return Command(["sample", str(trained.square), "--num", "2", "--sampler", "euler2", "--out", "x.png",
                     "--quiet"], tmp)
 
 
 def test_sample_unknown_sampler(outcomes):
     outcome = outcomes["sample_unknown_sampler"]
-    assert_one_line_error(outcome, "sampler", "euler")
+    assert_one_line_error(outcome, "sampler", "euler2")
     assert not (outcome.command.cwd / "x.png").exists()
 
 

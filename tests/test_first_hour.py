@@ -89,7 +89,7 @@ def test_sampling_in_batches_shows_one_bar_over_all_of_them(tmp_path, capsys):
     capsys.readouterr()
     run.sample(6, batch_size=2, sampler="ddim", steps=3, progress=True)
     err = capsys.readouterr().err
-    assert "sampling 6 (ddim, 3 steps)" in err and "9/9" in err  # 3 batches x 3 steps, one bar
+    assert "sampling 6 (ddim, 3 calls)" in err and "9/9" in err  # 3 batches x 3 steps, one bar
     assert "sampling (ddim)" not in err  # no bar per batch
 
 
@@ -104,7 +104,8 @@ def test_the_sample_grid_and_held_out_loss_of_training_show_bars(tmp_path, capsy
     save_samples(model, schedule, config, dataset, tmp_path / "grid.png", progress=True)
     heldout_losses(model, model, schedule, dataset.data, config, progress=True)
     err = capsys.readouterr().err
-    assert "sample grid (16 image, ddpm-4)" in err and "0/4" in err
+    # the default sampler, Heun: a budget of 4 calls walks 2 levels with 3 (two on the first step)
+    assert "sample grid (16 image, heun-3)" in err and "0/2" in err
     assert "held-out loss" in err and (tmp_path / "grid.png").is_file()
 
 

@@ -115,7 +115,7 @@ def walk_errors(name, schedule, budgets, grid):
                    SampleConfig(sampler=name, clip=False), callback=seen.append)
         exact = flow_solution(table, x_start, timesteps[0], timesteps[-1])
         errors.append(float((seen[-1].x_t - exact).square().mean().sqrt()))
-        calls.append(entry.calls(len(timesteps)))
+        calls.append(entry.calls_for(len(timesteps)))
     return calls, errors
 
 
@@ -201,13 +201,17 @@ def mixture_samples():
 
 
 def test_twenty_calls_reproduce_the_mixture_as_closely_as_ddpm_on_all_steps(mixture_samples, mixture_error):
+    # On the exact problem the grids even in lambda and in t^(1/2) suit the solvers best (the MNIST
+    # table prefers others for a trained network: docs/sampling.md); the best pair matches DDPM-1000.
     ddpm_error = mixture_error(mixture_samples(sampler="ddpm"))
-    best = min(mixture_error(mixture_samples(sampler=name, steps=20)) for name in ODE_SOLVERS)
+    errors = {(name, grid): mixture_error(mixture_samples(sampler=name, steps=20, spacing=grid))
+              for name in ODE_SOLVERS for grid in ("quadratic", "logsnr")}
     ddim_error = mixture_error(mixture_samples(sampler="ddim", steps=20))
-    assert best <= ddpm_error < ddim_error / 4, (best, ddpm_error, ddim_error)
+    assert min(errors.values()) <= ddpm_error < ddim_error / 4, (errors, ddpm_error, ddim_error)
 
 
 def test_ten_calls_have_at_most_two_thirds_of_ddims_error(mixture_samples, mixture_error):
+    # each solver on its default grid
     ddim_error = mixture_error(mixture_samples(sampler="ddim", steps=10))
     errors = {name: mixture_error(mixture_samples(sampler=name, steps=10)) for name in ODE_SOLVERS}
     assert min(errors.values()) <= 2 / 3 * ddim_error, (errors, ddim_error)

@@ -180,7 +180,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group(
         "sampling", "Each option defaults to the run's [sample] setting; another --sampler than the run's "
-                    "starts from that sampler's defaults (all T steps, eta 0).")
+                    "starts from that sampler's defaults (T network calls, its own grid, eta 0).")
     for f in sample_flag_fields():
         _add_flag(group, f, f.name, "default: the run's", parse=True)
 
