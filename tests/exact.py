@@ -58,3 +58,17 @@ def assert_gaussian_moments(samples: torch.Tensor, mean, var, *, z: float = 5.0)
     var_z = ((got_var / var - 1) / math.sqrt(2 / (n - 1))).abs().max().item()
     assert mean_z < z, f"sample mean {got_mean.tolist()} is {mean_z:.1f} SE from {mean.tolist()}"
     assert var_z < z, f"sample variance {got_var.tolist()} is {var_z:.1f} SE from {var.tolist()}"
+
+
+def reparameterised(eps_model, schedule, prediction):
+    """The x0- or v-model that predicts what ``eps_model`` does (x_t = sqrt(a) x0 + sqrt(1 - a) eps,
+    v = sqrt(a) eps - sqrt(1 - a) x0), for points (B, D)."""
+    ab = schedule.alphas_cumprod
+
+    def model(x, t):
+        a = ab[t].unsqueeze(1)
+        eps = eps_model(x, t)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return x0 if prediction == "x0" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    return model

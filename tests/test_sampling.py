@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from exact import assert_gaussian_moments, walk_moments
+from exact import assert_gaussian_moments, reparameterised, walk_moments
 
 import ddpm
 from ddpm import NoiseSchedule, ddim_invert, sample, slerp, timestep_sequence
@@ -137,13 +137,7 @@ def test_all_steps_coefficients_equal_the_schedule_tables(schedule):
 def test_other_parameterisations_give_the_same_samples(schedule, gaussian, prediction):
     """An x0- or v-model built from the exact eps-model samples the same trajectory."""
     eps_model = optimal_eps_model(gaussian, schedule)
-    ab = schedule.alphas_cumprod
-
-    def model(x, t):
-        a = ab[t].unsqueeze(1)
-        eps = eps_model(x, t)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return x0 if prediction == "x0" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    model = reparameterised(eps_model, schedule, prediction)
 
     base = sample(eps_model, schedule, (256, 2), sampler="ddim", steps=50,
                   generator=torch.Generator().manual_seed(5))

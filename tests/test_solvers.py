@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from exact import reparameterised
 
 from ddpm import NoiseSchedule, sample
 from ddpm.analytic import GaussianMixture, optimal_eps_model
@@ -223,13 +224,7 @@ def test_ten_calls_have_at_most_two_thirds_of_ddims_error(mixture_samples, mixtu
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_every_solver_gives_the_same_samples_for_eps_x0_and_v_models(linear, name, prediction):
     eps_model = optimal_eps_model(GaussianMixture.create([1.0], [[0.3, -0.4]], [[0.5, 0.2]]), linear)
-    ab = linear.alphas_cumprod
-
-    def model(x, t):
-        a = ab[t].unsqueeze(1)
-        eps = eps_model(x, t)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return x0 if prediction == "x0" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    model = reparameterised(eps_model, linear, prediction)
 
     base = sample(eps_model, linear, (256, 2), sampler=name, steps=15, generator=torch.Generator().manual_seed(5))
     other = sample(model, linear, (256, 2), sampler=name, steps=15, prediction=prediction,
