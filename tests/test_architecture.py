@@ -170,3 +170,13 @@ def test_a_train_section_that_is_not_a_table_keeps_nothing_of_the_flags(tmp_path
 def test_a_device_that_holds_no_values_is_refused(device):
     with pytest.raises(SettingError, match=f"device = '{device}' is not allowed; use cpu, cuda"):
         ddpm.build.resolve_device(device, setting="device")
+
+
+def test_run_sample_takes_the_grid_and_thresholding_as_keywords_or_options(tiny_run):
+    run = ddpm.load(tiny_run)
+    seen = []
+    run.sample(2, sampler="dpm++2m", steps=4, spacing="trailing", threshold=0.9, callback=seen.append)
+    assert [step.t for step in seen] == timestep_sequence(20, 4, "trailing")
+    assert all(step.pred_x0.abs().max() <= 1.0 + 1e-6 for step in seen)
+    with pytest.raises(ValueError, match="either as options= or as keywords, not both"):
+        run.sample(2, options=run.sample_options(), spacing="leading")

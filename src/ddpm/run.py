@@ -49,19 +49,24 @@ class Run:
         return options if self.kind == "image" else options.unbounded()
 
     def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-               clip: bool | None = None, options: SampleConfig | None = None, ema: bool = True,
+               clip: bool | None = None, spacing: str | None = None, threshold: float | None = None,
+               options: SampleConfig | None = None, ema: bool = True,
                batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
                callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
                cuda_graph: bool = False) -> Tensor:
         """Draw ``n`` samples (n, *sample_shape) on the CPU with ``options`` (default: this run's
-        ``sample_options(sampler=..., steps=..., eta=..., clip=...)``).
+        ``sample_options(sampler=..., steps=..., eta=..., clip=..., spacing=..., threshold=...)``; give either
+        those keywords or ``options``, not both).
 
         batch_size: how many to draw at once (default all n); one progress bar covers them all.
         seed: used when no generator is given. cuda_graph: as in ``ddpm.sample``.
         """
         n = whole_number("n", n)
+        asked = dict(sampler=sampler, steps=steps, eta=eta, clip=clip, spacing=spacing, threshold=threshold)
         if options is None:
-            options = self.sample_options(sampler=sampler, steps=steps, eta=eta, clip=clip)
+            options = self.sample_options(**asked)
+        elif any(value is not None for value in asked.values()):
+            raise ValueError("give the sampling options either as options= or as keywords, not both")
         batch_size = n if batch_size is None else whole_number("batch_size", batch_size)
         if generator is None:
             generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
