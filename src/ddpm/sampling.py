@@ -285,6 +285,13 @@ def sample_ipndm(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timeste
     return x
 
 
+def _first_order_step(i: int, timesteps: list[int], h: float) -> bool:
+    """Whether DPM-Solver++ step i must not extrapolate: the step into the data (h infinite) and, in
+    walks of under 15 levels, the step into the last level, where uneven grids make the step ratio
+    small and the extrapolation wild (DPM-Solver's lower_order_final)."""
+    return math.isinf(h) or (len(timesteps) < 15 and i == len(timesteps) - 2)
+
+
 def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: list[int],
                     options: SampleConfig, *, generator: torch.Generator | None = None,
                     callback: Callback | None = None, progress: bool = False) -> Tensor:
@@ -302,7 +309,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, time
     for i, t, _ in _walk(timesteps, "sampling (dpm++2m)", progress):
         pred_x0, _ = denoiser(x, t)
         h = levels.lam[i + 1] - levels.lam[i]
-        if before is None or math.isinf(h) or (len(timesteps) < 15 and i == len(timesteps) - 2):
+        if before is None or _first_order_step(i, timesteps, h):
             d = pred_x0
         else:
             r = (levels.lam[i] - levels.lam[i - 1]) / h
@@ -337,11 +344,7 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, time
         pred_x0, _ = denoiser(x, t)
         known = [pred_x0, *known[:2]]
         h = lam[i + 1] - lam[i]
-        order = len(known)
-        if math.isinf(h):
-            order = 1
-        elif len(timesteps) < 15 and i == len(timesteps) - 2:
-            order = 1
+        order = 1 if _first_order_step(i, timesteps, h) else len(known)
         phi1 = -math.expm1(-h)
         update = phi1 * pred_x0
         if order >= 2:
