@@ -24,7 +24,7 @@ import torch
 import ddpm
 from ddpm.evaluation import METRICS, EvalOptions, evaluate_run
 from ddpm.grids import GRIDS
-from ddpm.sampling import SAMPLERS, network_calls, walk_timesteps
+from ddpm.sampling import SAMPLERS, network_calls, walk_grid, walk_timesteps
 from ddpm.visualize import save_labelled_rows
 
 HEADLINE = {"fid-mnist": "fid", "fid": "fid", "energy": "energy_distance", "gradient": "mean", "square": "mean"}
@@ -77,7 +77,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for sampler, calls, grid in parse_walks(args.walks, run.schedule.num_steps):
         options = run.sample_options(sampler=sampler, steps=calls, spacing=grid)
-        grid = options.spacing or SAMPLERS[sampler].grid
+        grid = walk_grid(options)
         used = network_calls(options, walk_timesteps(run.schedule, options))
         if (sampler, used, grid) in done:
             continue
@@ -104,7 +104,7 @@ def main() -> None:
             x = ddpm.sampling.sample_with(run.ema_model, run.schedule, tuple(noise.shape), options,
                                           prediction=run.config.diffusion.prediction, noise=noise)
             used = network_calls(options, walk_timesteps(run.schedule, options))
-            rows[f"{sampler}, {options.spacing or SAMPLERS[sampler].grid}, {used} calls"] = x.clamp(-1, 1)
+            rows[f"{sampler}, {walk_grid(options)}, {used} calls"] = x.clamp(-1, 1)
         save_labelled_rows(rows, args.picture)
         print(f"wrote {args.picture}")
 

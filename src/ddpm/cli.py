@@ -277,7 +277,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise StorageError(describe_os_error(error, getattr(error, "filename", None) or out)) from None
     walk = ddpm.sampling.walk_timesteps(run.schedule, options)
     calls = ddpm.sampling.network_calls(options, walk)
-    grid = options.spacing or ddpm.sampling.SAMPLERS[options.sampler].grid
+    grid = ddpm.sampling.walk_grid(options)
     what = f"{len(samples)} samples ({options.sampler}, {calls} network calls on the {grid} grid, seed {args.seed})"
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0

@@ -391,13 +391,17 @@ SAMPLERS: dict[str, SamplerEntry] = {
 }
 
 
+def walk_grid(options: SampleConfig) -> str:
+    """The timestep grid a walk with ``options`` uses: the options' own, else the sampler's default."""
+    return options.spacing or SAMPLERS[options.sampler].grid
+
+
 def walk_timesteps(schedule: NoiseSchedule, options: SampleConfig) -> list[int]:
     """The timesteps a walk with ``options`` visits: as many levels as ``options.steps`` network calls
-    allow (None: the sampler's own default, T for ddpm and ddim), on the options' grid or else the
-    sampler's own."""
+    allow (None: the sampler's own default, T for ddpm and ddim), on ``walk_grid(options)``."""
     entry = SAMPLERS[options.sampler]
     calls = options.steps or min(entry.calls or schedule.num_steps, schedule.num_steps)
-    return timestep_sequence(schedule, entry.levels(calls), options.spacing or entry.grid)
+    return timestep_sequence(schedule, entry.levels(calls), walk_grid(options))
 
 
 def network_calls(options: SampleConfig, timesteps: list[int]) -> int:
