@@ -57,10 +57,11 @@ def logsnr_grid(alpha_bar: Tensor, n: int) -> Tensor:
 
 
 def karras_grid(alpha_bar: Tensor, n: int, rho: float = KARRAS_RHO) -> Tensor:
-    sigma = (-half_log_snr(alpha_bar)).exp()  # sqrt((1 - alpha_bar) / alpha_bar), increasing in t
+    lam = half_log_snr(alpha_bar)
+    sigma = (-lam).exp()  # sqrt((1 - alpha_bar) / alpha_bar), increasing in t
     ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
     high, low = float(sigma[-1]) ** (1 / rho), float(sigma[0]) ** (1 / rho)
-    return position_of(-torch.log((high + ramp * (low - high)) ** rho), half_log_snr(alpha_bar))
+    return position_of(-torch.log((high + ramp * (low - high)) ** rho), lam)
 
 
 GRIDS: dict[str, GridFunction] = {
@@ -77,12 +78,12 @@ def half_log_snr(alpha_bar: Tensor) -> Tensor:
 def position_of(lam: Tensor, table: Tensor) -> Tensor:
     """Fractional t at which the (decreasing) table of lambda takes each value of ``lam``, by linear
     interpolation between trained timesteps; values outside the table's range are clipped to it."""
+    if table.numel() == 1:
+        return torch.zeros_like(lam)
     rising = -table  # increasing in t
     target = (-lam).clamp(float(rising[0]), float(rising[-1]))
-    right = torch.searchsorted(rising, target).clamp(1, max(rising.numel() - 1, 1))
-    if rising.numel() == 1:
-        return torch.zeros_like(lam)
-    left = right - 1
+    left = torch.searchsorted(rising, target).clamp(1, rising.numel() - 1) - 1
+    right = left + 1
     return left + (target - rising[left]) / (rising[right] - rising[left])
 
 

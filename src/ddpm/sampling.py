@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig
 from ddpm.diffusion import PREDICTIONS, Denoised, Model, Prediction, denoise
-from ddpm.grids import timestep_grid
+from ddpm.grids import GRIDS, timestep_grid
 from ddpm.schedule import NoiseSchedule, posterior_coefficients
 from ddpm.validation import SettingError, check_choice, whole_number
 
@@ -47,7 +47,7 @@ def timestep_sequence(schedule: NoiseSchedule | int, steps: int | None = None, s
     else:
         num_steps = whole_number("num_steps", schedule, 1)
         if spacing not in _TIME_ONLY_GRIDS:
-            check_choice("spacing", spacing, (*_TIME_ONLY_GRIDS, "logsnr", "karras"))
+            check_choice("spacing", spacing, tuple(GRIDS))
             raise ValueError(f"spacing {spacing!r} depends on the noise levels: pass the NoiseSchedule, not T")
         alpha_bar = torch.full((num_steps,), 0.5, dtype=torch.float64)  # these grids read only its length
     return timestep_grid(alpha_bar, alpha_bar.numel() if steps is None else steps, spacing)
