@@ -42,7 +42,7 @@ def test_sample_and_eval_take_every_sampling_option_as_a_flag(capsys):
     from ddpm.config import sample_flag_fields
 
     flags = {f.flag for f in sample_flag_fields()}
-    assert flags == {"--sampler", "--steps", "--eta", "--variance", "--spacing", "--clip", "--threshold"}
+    assert flags == {"--sampler", "--steps", "--eta", "--variance", "--spacing", "--clip", "--threshold", "--guidance"}
     for command in ("sample", "eval"):
         with pytest.raises(SystemExit):
             main([command, "--help"])

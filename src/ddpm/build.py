@@ -22,6 +22,7 @@ from ddpm import checkpoint as ckpt
 from ddpm import distributed
 from ddpm.config import Config, config_from_dict
 from ddpm.data import DATASETS, Dataset, load_dataset
+from ddpm.data.folder import IMAGE_SUFFIXES
 from ddpm.models import build_model, build_model_from_dict, preset_config, use_channels_last
 from ddpm.models.mlp import ResidualMLPConfig
 from ddpm.resources import ResourceError, check_fits
@@ -60,8 +61,9 @@ def build_schedule(config: Config) -> NoiseSchedule:
 
 
 def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, ...], *,
-                    seed: int | None = None) -> nn.Module:
-    """The network of ``config.model`` sized for the data (channels, image size) and for T."""
+                    seed: int | None = None, num_classes: int = 0) -> nn.Module:
+    """The network of ``config.model`` sized for the data (channels, image size) and for T, and, for a
+    conditional run (``config.model.conditional``), for the data's ``num_classes``."""
     preset = config.model.preset
     base = preset_config(preset)
     fields = set(vars(base))
@@ -82,6 +84,8 @@ def build_model_for(config: Config, dataset_kind: str, sample_shape: tuple[int, 
         fill["image_size"] = height
     if "num_steps" in fields:
         fill["num_steps"] = config.diffusion.num_steps
+    if config.model.conditional:
+        fill["num_classes"] = num_classes
     overrides = dict(config.model.overrides)
     for key, value in fill.items():
         if key in overrides and overrides[key] != value:
@@ -112,12 +116,12 @@ def check_model_fits(model: nn.Module, copies: int, setting: str, device: str = 
                "cpu" if device == "auto" else device)
 
 
-def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str]]:
+def load_training_data(config: Config) -> tuple[Dataset, Dataset | None, list[str]]:
     """The training set, a held-out set (or None) and notes for the user.
 
     Built-in sets (MNIST and CIFAR-10 by name included) hold out from their test split; a path (a
     folder, an array file, MNIST files given by path) holds out a random tenth (at most
-    ``data.heldout`` examples) of its own examples.
+    ``data.heldout`` examples) of its own examples. A conditional run's data must have class labels.
     """
     d = config.data
     common = dict(image_size=d.image_size, channels=d.channels, seed=config.train.seed, data_dir=d.data_dir)
@@ -130,12 +134,14 @@ def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str
                      + " (set --image-size / --channels to choose)")
     if len(dataset) == 0:
         raise ValueError(f"the data {d.source!r} holds no examples")
+    if config.model.conditional:
+        _check_labelled(dataset, d.source)
     if d.hflip and dataset.kind != "image":
         raise ValueError("data.hflip flips images; the data is points")
     if d.heldout == 0:
         return dataset, None, notes
     if d.source in DATASETS:  # every built-in set has a test split
-        heldout = load_dataset(d.source, n=d.heldout, split="test", **common).data
+        heldout = load_dataset(d.source, n=d.heldout, split="test", **common)
         return dataset, heldout, notes
     count = min(d.heldout, len(dataset) // 10)
     if count == 0:
@@ -143,9 +149,23 @@ def load_training_data(config: Config) -> tuple[Dataset, Tensor | None, list[str
         return dataset, None, notes
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.train.seed))
     keep, out = order[count:].sort().values, order[:count].sort().values
-    labels = dataset.labels[keep] if dataset.labels is not None else None
-    train_set = Dataset(dataset.data[keep], dataset.kind, dataset.name, labels, dataset.notes, dataset.skipped)
-    return train_set, dataset.data[out], notes
+    return dataset.subset(keep), dataset.subset(out), notes
+
+
+def _check_labelled(dataset: Dataset, source: str) -> None:
+    """Refuse, in one line, a conditional run on data without class labels (or with only one class)."""
+    if dataset.labels is None:
+        path = Path(source).expanduser()
+        loose = ([p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+                 if source not in DATASETS and path.is_dir() else [])
+        hint = (f"an image folder is labelled when every image lies in a subfolder named after its class "
+                f"({source}/CLASS/IMAGE), and {loose[0].name} does not" if loose else
+                "MNIST, CIFAR-10, an image folder with one subfolder per class and an .npz with a 'labels' array "
+                "have them")
+        raise SettingError("model.conditional", True, f"the data {source!r} has no class labels; {hint}")
+    if len(dataset.classes or ()) < 2:
+        raise SettingError("model.conditional", True, f"the data {source!r} has one class only "
+                                                      f"({', '.join(dataset.classes or ())}); it needs two or more")
 
 
 def wants_channels_last(config: Config, device: torch.device) -> bool:
@@ -166,6 +186,7 @@ class Saved(NamedTuple):
     sample_shape: tuple[int, ...]  # (C, H, W) or (D,)
     step: int  # training steps behind these weights
     checkpoint: Path
+    classes: tuple[str, ...] | None  # a conditional run's class names (label i is classes[i]); else None
 
 
 def load_saved(path: str | Path) -> Saved:
@@ -221,5 +242,6 @@ def _load_checkpoint(checkpoint: Path) -> Saved:
         use_channels_last(ema_model)
     state = ckpt.check_state(ckpt.read_json(checkpoint / "state.json", "training state", files["state.json"]),
                              checkpoint / "state.json")
+    classes = metadata["data"].get("classes")
     return Saved(config, model.eval(), ema_model.eval().requires_grad_(False), build_schedule(config), kind,
-                 sample_shape, state["step"], checkpoint)
+                 sample_shape, state["step"], checkpoint, tuple(classes) if classes is not None else None)

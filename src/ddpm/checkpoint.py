@@ -180,6 +180,12 @@ def read_run_config(path: str | Path, data: bytes | None = None) -> dict[str, An
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
         raise CheckpointError(f"{path}: key 'data.sample_shape' should be {wanted} positive integers for "
                               f"{data['kind']} data, got {_shown(shape)}")
+    classes, num_classes = data.get("classes"), metadata["model"].get("num_classes", 0)
+    if classes is not None or num_classes:
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == num_classes
+                and len(set(classes)) == len(classes)):
+            raise CheckpointError(f"{path}: key 'data.classes' should be the {num_classes} distinct class names of "
+                                  f"'model.num_classes', got {_shown(classes)}")
     return metadata
 
 

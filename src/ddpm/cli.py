@@ -154,7 +154,11 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
         "sample", help="draw samples from a trained run",
         description="Sample from a run directory (its latest checkpoint) or a checkpoint folder, with EMA weights.")
     parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
-    parser.add_argument("--num", type=_whole_number("--num"), default=16, help="how many samples (default 16)")
+    parser.add_argument("--num", type=_whole_number("--num"), default=16,
+                        help="how many samples (default 16); with --class all, how many of each class")
+    parser.add_argument("--class", dest="class_", metavar="NAME|INDEX|all",
+                        help="conditional runs: draw this class (a name or an index), or 'all': a grid with one row "
+                             "per class (default: no class, the unconditional model)")
     _add_sampling_flags(parser)
     parser.add_argument("--batch-size", type=_whole_number("--batch-size"), default=256,
                         help="samples drawn at once (default 256)")
@@ -241,6 +245,7 @@ def _sample(args: argparse.Namespace) -> int:
         _refuse_existing(trajectory, args.overwrite, "--trajectory")
     run = ddpm.load(run_path, device=resolve_device(args.device, setting="--device"))
     options = _sample_options(args, run)
+    asked, per_row = _asked_classes(args, run)
     if run.kind == "points" and _is_dir_target(args.out):
         raise UsageError("point samples cannot be written as one PNG per sample; use x.png (scatter) or x.npz")
     if run.kind == "points" and trajectory is not None and trajectory.suffix.lower() != ".png":
@@ -266,11 +271,12 @@ def _sample(args: argparse.Namespace) -> int:
             frames.append(step.x_prev[:keep].cpu())
             labels.append(f"after t = {step.t}")
 
-    samples = run.sample(args.num, options=options, ema=not args.raw, batch_size=args.batch_size, seed=args.seed,
-                         progress=not args.quiet, callback=record if trajectory is not None else None,
+    num = args.num if asked is None else len(asked)
+    samples = run.sample(num, labels=asked, options=options, ema=not args.raw, batch_size=args.batch_size,
+                         seed=args.seed, progress=not args.quiet, callback=record if trajectory is not None else None,
                          cuda_graph=args.cuda_graph)
     try:
-        _write_samples(samples, out, args, run.kind)
+        _write_samples(samples, out, args, run.kind, asked, per_row)
         if trajectory is not None:
             _save_trajectory(frames, labels, trajectory, run.kind)
     except OSError as error:
@@ -279,11 +285,36 @@ def _sample(args: argparse.Namespace) -> int:
     calls = ddpm.sampling.network_calls(options, walk)
     grid = ddpm.sampling.walk_grid(options)
     what = f"{len(samples)} samples ({options.sampler}, {calls} network calls on the {grid} grid, seed {args.seed})"
+    if run.conditional:
+        which = ("one row per class" if args.class_ == "all" else f"class {run.classes[int(asked[0])]!r}"
+                 if asked is not None else "no class (the unconditional model)")
+        what += f", {which}" + (f", guidance {options.guidance:g}" if asked is not None else "")
     print(f"wrote {what} to {out}" + (f"; trajectory to {trajectory}" if trajectory else ""))
     return 0
 
 
-def _write_samples(samples: Any, out: Path, args: argparse.Namespace, kind: str) -> None:
+def _asked_classes(args: argparse.Namespace, run: Any) -> tuple[Any, int | None]:
+    """The labels --class asks for (None: none asked), and the samples a grid row holds (--class all)."""
+    import torch
+
+    from ddpm.guidance import class_labels
+
+    if args.class_ is None:
+        return None, None
+    if not run.conditional:
+        raise UsageError(f"--class {args.class_}: {args.run} is an unconditional run (trained without --conditional); "
+                         "it has no classes")
+    if args.class_ == "all":
+        return torch.arange(len(run.classes)).repeat_interleave(args.num), args.num
+    try:
+        return class_labels(args.class_, run.classes, args.num), None
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+
+
+def _write_samples(samples: Any, out: Path, args: argparse.Namespace, kind: str, labels: Any = None,
+                   per_row: int | None = None) -> None:
+    """Write samples as --out asks; an .npz also holds a conditional run's class indices as "labels"."""
     import numpy as np
 
     from ddpm.visualize import save_grid, save_images, scatter_png, to_uint8
@@ -296,10 +327,11 @@ def _write_samples(samples: Any, out: Path, args: argparse.Namespace, kind: str)
         save_images(samples.clamp(-1, 1), out)
     elif out.suffix.lower() == ".npz":
         array = to_uint8(samples.clamp(-1, 1)).numpy() if kind == "image" else samples.float().numpy()
+        extra = {} if labels is None else {"labels": labels.numpy()}
         with open(out, "wb") as file:  # by name, np.savez would add ".npz" to "x.NPZ"
-            np.savez(file, arr_0=array)
+            np.savez(file, arr_0=array, **extra)
     elif kind == "image":
-        save_grid(samples.clamp(-1, 1), out)
+        save_grid(samples.clamp(-1, 1), out, nrow=per_row)
     else:
         scatter_png([samples[:, :2]], out, titles=[f"{len(samples)} samples"])
 

@@ -58,6 +58,8 @@ class ModelConfig:
                                    minimum=0.0, below=1.0)
     overrides: dict = _field({}, "other model config fields, e.g. {\"ch\": 64} (JSON on the command line)",
                              flag="model-overrides")
+    conditional: bool = _field(False, "condition the network on the data's class labels (MNIST, CIFAR-10, a folder "
+                                      "with a subfolder per class, an .npz with labels), for --class and --guidance")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -115,6 +117,9 @@ class TrainConfig:
     ema_decay: float = _field(0.999, "decay of the exponential moving average of the weights", minimum=0.0,
                               below=1.0)
     ema_warmup: bool = _field(True, "use min(decay, (1 + n) / (10 + n)) so early EMA weights are not stale")
+    label_dropout: float = _field(0.1, "conditional runs: the probability that a label is replaced by 'no class', "
+                                       "so one network learns the unconditional noise too (for --guidance)",
+                                  minimum=0.0, maximum=1.0)
     precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs the model under bf16 autocast")
     compile: bool = _field(False, "torch.compile the model", resumable=True)
     channels_last: bool = _field(True, "lay U-Nets out channels-last (faster; same up to rounding; not bf16 on CPU)",
@@ -172,6 +177,9 @@ class SampleConfig:
     threshold: float | None = _field(None, "dynamic thresholding: clip x0 at this quantile of |x0| (e.g. 0.995) "
                                      "and rescale into [-1, 1]; replaces clip (images only)", above=0.0, maximum=1.0,
                                      resumable=True)
+    guidance: float = _field(1.0, "classifier-free guidance w of a conditional run: eps_uncond + w (eps_cond - "
+                                  "eps_uncond); 0 unconditional, 1 plainly conditional, more: closer to the class",
+                             minimum=0.0, below=math.inf, resumable=True)
     num_samples: int = _field(16, "images in each sample grid drawn during training", minimum=1, resumable=True,
                               train_only=True)
 
@@ -341,8 +349,17 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """A JSON-able nested dict of every field (so later default changes never alter a saved run)."""
-    return dataclasses.asdict(config)
+    """A JSON-able nested dict of every field (so later default changes never alter a saved run), except
+    that an unconditional run leaves out the fields only conditional runs read: its config.json is
+    the one written before conditional runs existed."""
+    out = dataclasses.asdict(config)
+    if not config.model.conditional:
+        for section, name in CONDITIONAL_ONLY:
+            del out[section][name]
+    return out
+
+
+CONDITIONAL_ONLY = (("model", "conditional"), ("train", "label_dropout"), ("sample", "guidance"))
 
 
 # Keys that earlier versions wrote under another name: (section, old) -> new.

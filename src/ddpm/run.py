@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ddpm.build import load_saved, resolve_device
 from ddpm.config import Config, SampleConfig
+from ddpm.guidance import class_labels, guided
 from ddpm.sampling import SamplerStep, network_calls, sample_with, walk_timesteps
 from ddpm.schedule import NoiseSchedule
 from ddpm.validation import SettingError, check_seed, whole_number
@@ -36,37 +37,56 @@ class Run:
     sample_shape: tuple[int, ...]  # (C, H, W) or (D,)
     step: int  # training steps behind these weights
     checkpoint: Path
+    classes: tuple[str, ...] | None = None  # a conditional run's class names (label i is classes[i])
+
+    @property
+    def conditional(self) -> bool:
+        return self.classes is not None
 
     def sample_options(self, **asked: Any) -> SampleConfig:
         """The sampling options of this run: its [sample] config, with those in ``asked`` (sampler,
-        steps, eta, variance, spacing, clip, threshold; None: the run's) on top. Another sampler than
+        steps, eta, variance, spacing, clip, threshold, guidance; None: the run's) on top. Another sampler than
         the run's starts from its defaults (T calls, eta 0, ...), not from the run's walk. clip and
         threshold apply to images only (points have no bounded range)."""
+        if asked.get("guidance") is not None and not self.conditional:
+            raise SettingError("guidance", asked["guidance"], "this run is unconditional (trained without "
+                                                              "--conditional): it has no classes to guide towards")
         options = self.config.sample.replace(**asked)
         if options.steps is not None and options.steps > self.schedule.num_steps:
             raise SettingError("steps", options.steps, f"this run has T = {self.schedule.num_steps}, "
                                                        f"so use 1..{self.schedule.num_steps}")
         return options if self.kind == "image" else options.unbounded()
 
-    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
-               clip: bool | None = None, spacing: str | None = None, threshold: float | None = None,
-               options: SampleConfig | None = None, ema: bool = True,
+    def sample(self, n: int, *, labels: int | str | Sequence[int | str] | Tensor | None = None,
+               guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
+               eta: float | None = None, clip: bool | None = None, spacing: str | None = None,
+               threshold: float | None = None, options: SampleConfig | None = None, ema: bool = True,
                batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
                callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
                cuda_graph: bool = False) -> Tensor:
         """Draw ``n`` samples (n, *sample_shape) on the CPU with ``options`` (default: this run's
-        ``sample_options(sampler=..., steps=..., eta=..., clip=..., spacing=..., threshold=...)``; give either
-        those keywords or ``options``, not both).
+        ``sample_options(sampler=..., steps=..., eta=..., clip=..., spacing=..., threshold=...,
+        guidance=...)``; give either those keywords or ``options``, not both).
 
+        labels: a conditional run's class for every sample (a name of ``classes`` or an index) or one
+        per sample (a sequence or an (n,) tensor); None draws from the unconditional model.
+        guidance: the classifier-free guidance weight w (``ddpm.guidance``; None: the run's own).
         batch_size: how many to draw at once (default all n); one progress bar covers them all.
         seed: used when no generator is given. cuda_graph: as in ``ddpm.sample``.
         """
         n = whole_number("n", n)
-        asked = dict(sampler=sampler, steps=steps, eta=eta, clip=clip, spacing=spacing, threshold=threshold)
+        if labels is not None and not self.conditional:
+            raise ValueError("labels given, but this run is unconditional (trained without --conditional): it has "
+                             "no classes to ask for")
+        asked = dict(sampler=sampler, steps=steps, eta=eta, clip=clip, spacing=spacing, threshold=threshold,
+                     guidance=guidance)
         if options is None:
             options = self.sample_options(**asked)
         elif any(value is not None for value in asked.values()):
             raise ValueError("give the sampling options either as options= or as keywords, not both")
+        if self.conditional:
+            wanted = (class_labels(labels, self.classes, n) if labels is not None
+                      else torch.full((n,), len(self.classes), dtype=torch.long))  # "no class": unconditional
         batch_size = n if batch_size is None else whole_number("batch_size", batch_size)
         if generator is None:
             generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
@@ -81,10 +101,14 @@ class Run:
                 if callback is not None:
                     callback(step)
 
-            parts = [sample_with(model, self.schedule, (min(batch_size, n - start), *self.sample_shape), options,
-                                 prediction=self.config.diffusion.prediction, generator=generator,
-                                 callback=each_step if progress else callback, cuda_graph=cuda_graph).cpu()
-                     for start in batches]
+            parts = []
+            for start in batches:
+                count = min(batch_size, n - start)
+                net = (guided(model, wanted[start:start + count], options.guidance, len(self.classes))
+                       if self.conditional else model)
+                parts.append(sample_with(net, self.schedule, (count, *self.sample_shape), options,
+                                         prediction=self.config.diffusion.prediction, generator=generator,
+                                         callback=each_step if progress else callback, cuda_graph=cuda_graph).cpu())
         return torch.cat(parts)
 
     def to(self, device: torch.device | str) -> "Run":

@@ -12,6 +12,7 @@ life, which the OS drops when the process ends, however it ends. Readers take no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -253,18 +254,20 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def run_metadata(config: Config, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
-    """What config.json holds: the config and what was resolved from it (architecture, data shape)."""
+def run_metadata(config: Config, model: nn.Module, dataset: Dataset,
+                 classes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """What config.json holds: the config and what was resolved from it (architecture, data shape, and
+    the class names of a conditional run, label i being classes[i])."""
+    data = {"kind": dataset.kind, "sample_shape": list(dataset.sample_shape), "name": dataset.name}
     return {"format": ckpt.RUN_FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": config_to_dict(config),
-            "model": model_config_dict(model),
-            "data": {"kind": dataset.kind, "sample_shape": list(dataset.sample_shape), "name": dataset.name}}
+            "model": model_config_dict(model), "data": data | ({"classes": list(classes)} if classes else {})}
 
 
 def check_resume_config(saved: Config, asked: Config, changed: set[str]) -> Config:
     """The saved config with the allowed changes of ``asked`` applied; other changes are an error.
 
     changed: the fields the user set ("train.steps", ...), and "preset" when a preset was named."""
-    saved_dict, asked_dict = config_to_dict(saved), config_to_dict(asked)
+    saved_dict, asked_dict = dataclasses.asdict(saved), dataclasses.asdict(asked)
     if "preset" in changed and saved.preset != asked.preset:
         raise RunDirError(f"cannot change the preset when resuming (the run was trained with preset "
                           f"{saved.preset!r}); leave --preset out to continue it")

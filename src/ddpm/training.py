@@ -15,6 +15,7 @@ and N processes take the same steps as one.
 from __future__ import annotations
 
 import copy
+import functools
 import signal
 import sys
 import time
@@ -34,8 +35,9 @@ from ddpm.config import Config, config_from_dict
 from ddpm.validation import SettingError
 from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
+from ddpm.guidance import guided
 from ddpm.metrics_log import Metrics, NoMetrics
-from ddpm.models import use_channels_last
+from ddpm.models import unwrap_model, use_channels_last
 from ddpm.rundir import (
     RunDirError, RunLock, check_nothing_was_lost, check_resume_config, data_paths, prepare_run_dir, run_metadata,
     start_run_dir,
@@ -125,9 +127,26 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         ema_buffer.copy_(buffer)
 
 
+class Batch(NamedTuple):
+    """One global batch of Algorithm 1: examples, timesteps, noise and (conditional runs) labels."""
+
+    x0: Tensor
+    t: Tensor
+    noise: Tensor
+    labels: Tensor | None  # class indices, "no class" (num_classes) where dropped; None: unconditional
+
+    def part(self, index: slice | Tensor) -> "Batch":
+        """The examples at ``index`` of every tensor."""
+        return Batch(*(None if v is None else v[index] for v in self))
+
+
 def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator, schedule: NoiseSchedule,
-               batch_size: int, hflip: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The global batch: examples x0, timesteps t ~ U{0..T-1} (Algorithm 1, line 3) and noise eps."""
+               batch_size: int, hflip: bool, labels: Tensor | None = None, num_classes: int = 0,
+               label_dropout: float = 0.0) -> Batch:
+    """The global batch: examples x0, timesteps t ~ U{0..T-1} (Algorithm 1, line 3) and noise eps; with
+    ``labels`` (N,), those of the examples, each replaced by "no class" (index num_classes) with
+    probability label_dropout. The drops are drawn after the noise, so an unconditional run draws
+    exactly what it drew before conditional runs existed."""
     indices = host_to_device(order.next(batch_size), data.device)
     x0 = data.index_select(0, indices)
     if hflip:
@@ -135,7 +154,12 @@ def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator,
     device = noise_generator.device
     t = sample_timesteps(schedule, batch_size, device=device, generator=noise_generator)
     noise = torch.randn(x0.shape, generator=noise_generator, device=device)
-    return x0.to(device), t, noise
+    y = None
+    if labels is not None:
+        y = labels.index_select(0, indices).to(device)
+        dropped = torch.rand(batch_size, generator=noise_generator, device=device) < label_dropout
+        y = y.masked_fill(dropped, num_classes)
+    return Batch(x0.to(device), t, noise, y)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -169,8 +193,9 @@ class _Setup(NamedTuple):
 
     config: Config  # the saved run's when resuming
     dataset: Dataset
-    heldout: Tensor | None
+    heldout: Dataset | None
     data: Tensor  # dataset.data on the training device
+    labels: Tensor | None  # a conditional run's dataset.labels on the training device
     schedule: NoiseSchedule
     model: nn.Module
     ema_model: nn.Module
@@ -213,7 +238,9 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     dataset, heldout, data_notes = world.machine_first(lambda: load_training_data(config), device)
     notes += data_notes
     t_cfg = config.train
-    model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=t_cfg.seed).to(device)
+    classes = dataset.classes if config.model.conditional else None
+    model = build_model_for(config, dataset.kind, dataset.sample_shape, seed=t_cfg.seed,
+                            num_classes=len(classes or ())).to(device)
     if wants_channels_last(config, device):
         use_channels_last(model)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -221,7 +248,7 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     order = DataOrder(len(dataset), t_cfg.seed)
     noise_generator = torch.Generator(device).manual_seed(t_cfg.seed + 1)
     torch.manual_seed(t_cfg.seed + 2)  # dropout
-    metadata = run_metadata(config, model, dataset)
+    metadata = run_metadata(config, model, dataset, classes)
     step = 0
     if checkpoint is not None:
         step = ckpt.restore_training_state(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
@@ -233,12 +260,14 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
         notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
                      f"(global batch {t_cfg.batch_size})")
     if t_cfg.eval_metric is not None:  # refused now, not after hours of training (nor with a run folder made)
-        check_eval_metric(Run(config, model, ema_model, schedule, dataset.kind, dataset.sample_shape, step, None))
+        check_eval_metric(Run(config, model, ema_model, schedule, dataset.kind, dataset.sample_shape, step, None,
+                              classes))
     if not resuming and world.is_main:
         start_run_dir(run_dir, metadata, overwrite=overwrite)
     elif world.is_main and saved["config"] != metadata["config"]:
         ckpt.write_json(run_dir / "config.json", metadata)  # a changed --steps and the like hold for later resumes
-    return _Setup(config, dataset, heldout, dataset.data.to(device), schedule.to(device), model,
+    labels = dataset.labels.to(device) if classes else None
+    return _Setup(config, dataset, heldout, dataset.data.to(device), labels, schedule.to(device), model,
                   ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
 
@@ -288,7 +317,8 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                                     refresh=False)
                     values["lr"] = run.optimizer.param_groups[0]["lr"]
                     if t_cfg.eval_every and run.heldout is not None and due(t_cfg.eval_every):
-                        values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout, config,
+                        values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout.data, config,
+                                                     labels=run.heldout.labels if run.labels is not None else None,
                                                      progress=progress))
                         run.model.train()
                     metrics.log(step, values)
@@ -303,7 +333,8 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     window.raise_if_non_finite(last_checkpoint)  # on every process, as they all know the loss
                     if world.is_main:
                         save_samples(run.ema_model, run.schedule, config, run.dataset,
-                                     run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png", progress=progress)
+                                     run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png", progress=progress,
+                                     conditional=run.labels is not None)
                 stop_signal = world.agree_signal(stop.received)  # every process stops at the same step
                 if stop_signal is not None:
                     if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
@@ -327,18 +358,19 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     train.grad_accum micro-batches, then the EMA update. Returns the slice's per-example losses
     (detached), its timesteps, and the gradient norm before clipping (None without train.grad_clip)."""
     config, t_cfg = run.config, run.config.train
-    x0, t, noise = draw_batch(run.data, run.order, run.noise_generator, run.schedule, t_cfg.batch_size,
-                              config.data.hflip)
-    mine = world.share(t_cfg.batch_size)  # every process drew the global batch; it trains on its slice
-    x0, t, noise = x0[mine], t[mine], noise[mine]
+    num_classes = unwrap_model(run.model).config.num_classes
+    batch = draw_batch(run.data, run.order, run.noise_generator, run.schedule, t_cfg.batch_size, config.data.hflip,
+                       run.labels, num_classes, t_cfg.label_dropout)
+    batch = batch.part(world.share(t_cfg.batch_size))  # every process drew the global batch; it trains on its slice
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = learning_rate(config, step)
     micro = t_cfg.batch_size // (world.size * t_cfg.grad_accum)
     per_example = []
     for i in range(t_cfg.grad_accum):
-        part = slice(i * micro, (i + 1) * micro)
+        x0, t, noise, labels = batch.part(slice(i * micro, (i + 1) * micro))
+        net = train_model if labels is None else functools.partial(train_model, labels=labels)
         with autocast, world.accumulating(shared_model, last=i == t_cfg.grad_accum - 1):
-            losses = per_example_loss(train_model, run.schedule, x0[part], t[part], noise[part],
+            losses = per_example_loss(net, run.schedule, x0, t, noise,
                                       prediction=config.diffusion.prediction, weighting=loss_weighting(config))
             # The processes' gradients are averaged: scaling by their number makes it the global sum.
             (losses.sum() * world.size / t_cfg.batch_size).backward()
@@ -348,7 +380,7 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     update_ema(run.ema_model, run.model, ema_decay(config, step))
-    return torch.cat(per_example), t, grad_norm
+    return torch.cat(per_example), batch.t, grad_norm
 
 
 def _check_shares(config: Config, world: distributed.World) -> None:
@@ -422,9 +454,10 @@ def loss_weighting(config: Config) -> str | None:
 
 @torch.no_grad()
 def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedule, heldout: Tensor,
-                   config: Config, progress: bool = False) -> dict[str, float]:
+                   config: Config, labels: Tensor | None = None, progress: bool = False) -> dict[str, float]:
     """The loss on held-out data with fixed timesteps and noise (the same at every evaluation),
-    weighted as the training loss is, so that the two can be compared."""
+    weighted as the training loss is, so that the two can be compared. labels: a conditional run's
+    held-out labels, which the loss is conditioned on (never dropped)."""
     generator = torch.Generator().manual_seed(config.train.seed + 3)
     x0 = heldout.to(schedule.device)
     t = sample_timesteps(schedule, x0.shape[0], device="cpu", generator=generator).to(schedule.device)
@@ -439,7 +472,8 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
         for start in chunks:
             bar.update(1)
             part = slice(start, start + 1024)
-            losses = training_loss(net, schedule, x0[part], t=t[part], noise=noise[part],
+            conditioned = net if labels is None else functools.partial(net, labels=labels[part].to(schedule.device))
+            losses = training_loss(conditioned, schedule, x0[part], t=t[part], noise=noise[part],
                                    prediction=config.diffusion.prediction, weighting=loss_weighting(config),
                                    reduction="none")
             total += losses.sum().item()
@@ -454,7 +488,7 @@ def sample_quality(run: _Setup, config: Config, step: int, progress: bool = Fals
     from ddpm.evaluation import EvalOptions, evaluate_run
 
     view = Run(config, run.model, run.ema_model, run.schedule, run.dataset.kind, run.dataset.sample_shape, step,
-               None)
+               None, run.dataset.classes if run.labels is not None else None)
     metric = eval_metric_of(view)
     options = EvalOptions(num=config.train.eval_metric_num, sample=view.sample_options(), seed=config.train.seed,
                           data_dir=config.data.data_dir, progress=progress)
@@ -489,25 +523,34 @@ def eval_metric_of(run: Run) -> str:
 
 
 def save_samples(ema_model: nn.Module, schedule: NoiseSchedule, config: Config, dataset: Dataset,
-                 path: Path, progress: bool = False) -> None:
+                 path: Path, progress: bool = False, conditional: bool = False) -> None:
     """A grid of EMA samples (images) or a scatter of samples beside data (points; of their first two
-    coordinates when there are more), from fixed noise. One-dimensional points get no picture."""
+    coordinates when there are more), from fixed noise. One-dimensional points get no picture. A
+    conditional run's grid has one row per class (num_samples / classes a row, at least one), drawn
+    with its [sample] guidance; its points are drawn for the classes in turn."""
     if dataset.kind == "points" and dataset.sample_shape[0] < 2:
         return
     s = config.sample
     generator = torch.Generator(schedule.device).manual_seed(config.train.seed + 4)
-    shape = (s.num_samples, *dataset.sample_shape)
+    num, model, per_row = s.num_samples, ema_model, None
+    if conditional:
+        num_classes = len(dataset.classes)
+        per_row = -(-num // num_classes) if dataset.kind == "image" else None
+        labels = (torch.arange(num_classes).repeat_interleave(per_row) if per_row
+                  else torch.arange(num) % num_classes)
+        num, model = len(labels), guided(ema_model, labels, s.guidance, num_classes)
+    shape = (num, *dataset.sample_shape)
     options = s if dataset.kind == "image" else s.unbounded()  # points have no bounded range
     walk = walk_timesteps(schedule, options)
     calls = network_calls(options, walk)
-    with tqdm(total=len(walk), desc=f"sample grid ({s.num_samples} {dataset.kind}, {options.sampler}-{calls})",
+    with tqdm(total=len(walk), desc=f"sample grid ({num} {dataset.kind}, {options.sampler}-{calls})",
               unit="step", disable=not progress, leave=False, dynamic_ncols=True, file=sys.stderr) as bar:
-        x = sample_with(ema_model, schedule, shape, options, prediction=config.diffusion.prediction,
+        x = sample_with(model, schedule, shape, options, prediction=config.diffusion.prediction,
                         generator=generator, callback=lambda step: bar.update(1))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if dataset.kind == "image":
-            save_grid(x.clamp(-1, 1).cpu(), path)
+            save_grid(x.clamp(-1, 1).cpu(), path, nrow=per_row)
         else:
             dims = "" if dataset.sample_shape[0] == 2 else f" (coordinates 0, 1 of {dataset.sample_shape[0]})"
             scatter_png([dataset.data[: s.num_samples, :2].cpu(), x[:, :2].cpu()], path,

@@ -6,7 +6,7 @@ makes resuming exact: a training run's data position is just an index into ``Dat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,6 +40,10 @@ _GENERATED: dict[str, tuple[Callable[..., Tensor], int, bool]] = {
     "8gaussians": (synthetic.make_8gaussians, 10_000, False),
     "checkerboard": (synthetic.make_checkerboard, 10_000, False),
 }
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+# The names of CIFAR-10's labels 0..9, as its batches.meta lists them.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 # A generated set's "test" split is drawn with seed ^ this constant, so it never repeats "train"
 # for the same seed. It stays below 2**32 because torch's CPU generator keeps only 32 bits of a seed.
 _TEST_SEED_MASK = 0x7E57_5EED
@@ -49,9 +53,11 @@ _TEST_SEED_MASK = 0x7E57_5EED
 class Dataset:
     """A whole dataset in memory, in the package's conventions.
 
-    data: float32 images (N, C, H, W) in [-1, 1] or points (N, D). labels: int64 (N,) or None.
+    data: float32 images (N, C, H, W) in [-1, 1] or points (N, D).
+    labels: int64 (N,) class indices into ``classes``, or None where the source has no classes.
     notes: one-line messages for the user (files skipped, conversions made); the CLI prints them.
     skipped: files of an image folder that Pillow could not read.
+    classes: the class names, label i being classes[i] (MNIST "0".."9"; a folder's subfolder names).
     """
 
     data: Tensor
@@ -60,6 +66,12 @@ class Dataset:
     labels: Tensor | None = None
     notes: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
+    classes: tuple[str, ...] | None = None
+
+    def subset(self, index: Tensor) -> "Dataset":
+        """The examples at ``index`` (a LongTensor), with their labels."""
+        labels = self.labels[index] if self.labels is not None else None
+        return Dataset(self.data[index], self.kind, self.name, labels, self.notes, self.skipped, self.classes)
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -198,11 +210,12 @@ def _stored_images(name: str, root: Path, image_size: int | None, channels: int 
     if index is not None:
         images, labels = images[index.numpy()], labels[index.numpy()]
     data, notes = _shape_images(uint8_to_float(images), image_size, channels)
-    return Dataset(data, "image", name, torch.from_numpy(labels), notes)
+    classes = MNIST_CLASSES if name == "mnist" else CIFAR10_CLASSES
+    return Dataset(data, "image", name, torch.from_numpy(labels), notes, classes=classes)
 
 
 def _image_folder(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None) -> Dataset:
-    files = list_image_files(path)
+    files = all_files = list_image_files(path)
     index = _subset(len(files), n, seed, str(path)) if files else None
     if index is not None:
         files = [files[i] for i in index.tolist()]
@@ -216,27 +229,44 @@ def _image_folder(path: Path, image_size: int | None, channels: int | None, seed
         notes.append(f"resized and centre-cropped {folder.resized} of {count} images to {size}x{size} "
                      f"(data.image_size, --image-size)")
     skipped = tuple(str(p) for p in folder.skipped)
-    return Dataset(uint8_to_float(folder.images), "image", path.name, notes=tuple(notes), skipped=skipped)
+    labels, classes = folder_classes(path, folder.files, all_files)
+    return Dataset(uint8_to_float(folder.images), "image", path.name, labels, tuple(notes), skipped, classes)
 
 
 def _array_file(path: Path, image_size: int | None, channels: int | None, seed: int, n: int | None) -> Dataset:
     stored = load_array(path)
     index = _subset(len(stored.data), n, seed, str(path))
-    array, labels = stored.data, stored.labels
+    array = stored.data
+    labels, classes = _classes_of(stored.labels, path) if stored.labels is not None else (None, None)
     if index is not None:
         array = array[index.numpy()]
-        labels = labels[index.numpy()] if labels is not None else None
+        labels = labels[index] if labels is not None else None
     data, kind = array_to_tensor(array, str(path))
     notes: tuple[str, ...] = ()
     if kind == "points":
         _refuse_image_options(path.name, image_size, channels)
     else:
         data, notes = _shape_images(data, image_size, channels)
-    label_tensor = _labels_tensor(labels, path) if labels is not None else None
-    return Dataset(data, kind, path.name, label_tensor, notes)
+    return Dataset(data, kind, path.name, labels, notes, classes=classes)
 
 
-def _labels_tensor(labels: np.ndarray, path: Path) -> Tensor:
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: labels must be integers; got dtype {labels.dtype}")
-    return torch.from_numpy(labels.astype(np.int64))
+def _classes_of(labels: np.ndarray, path: Path) -> tuple[Tensor, tuple[str, ...]]:
+    """An array file's labels as indices into its sorted distinct values, and those values as names:
+    integers [7, 3, 7] become [1, 0, 1] with classes ("3", "7"); strings alike, in sorted order."""
+    if labels.dtype.kind not in "iuUS":
+        raise DataError(f"{path}: labels must be integers or strings; got dtype {labels.dtype}")
+    values, index = np.unique(labels, return_inverse=True)
+    names = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.tolist())
+    return torch.from_numpy(index.reshape(-1).astype(np.int64)), names
+
+
+def folder_classes(root: Path, files: Sequence[Path], all_files: Sequence[Path]
+                   ) -> tuple[Tensor | None, tuple[str, ...] | None]:
+    """The class of each of ``files`` in a folder laid out as ROOT/CLASS/.../IMAGE (torchvision's
+    ImageFolder layout): its first subfolder's name. The classes are the subfolders of ``all_files``
+    (the whole folder), sorted by name. (None, None) unless every image lies in a subfolder."""
+    if not all_files or any(len(f.relative_to(root).parts) < 2 for f in all_files):
+        return None, None
+    classes = tuple(sorted({f.relative_to(root).parts[0] for f in all_files}))
+    number = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([number[f.relative_to(root).parts[0]] for f in files], dtype=torch.long), classes

@@ -11,6 +11,7 @@ every sample-based metric) and loads the reference data once. Metrics return fla
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import Tensor
 from ddpm.catalog import METRICS
 from ddpm.config import SampleConfig
 from ddpm.data import NoSplitsError, load_dataset
-from ddpm.data.registry import DATASETS, Dataset, is_generated
+from ddpm.data.registry import DATASETS, MNIST_CLASSES, Dataset, is_generated
 from ddpm.diffusion import variational_bound
 from ddpm.evaluation.metrics import energy_distance, feature_statistics, frechet_distance, square_error
 from ddpm.run import Run
@@ -125,8 +126,7 @@ class _Evaluation:
         if len(data) <= n:
             return data
         chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-        labels = data.labels[chosen] if data.labels is not None else None
-        return Dataset(data.data[chosen], data.kind, data.name, labels)
+        return data.subset(chosen)
 
     @property
     def data_dir(self) -> str | None:
@@ -141,16 +141,23 @@ class _Evaluation:
         return self.options.sample or self.run.sample_options()
 
     @cached_property
+    def labels(self) -> Tensor | None:
+        """A conditional run's requested class of each sample: the classes in turn (0, 1, ..., K-1, 0, ...)."""
+        return torch.arange(self.options.num) % len(self.run.classes) if self.run.conditional else None
+
+    @cached_property
     def samples(self) -> Tensor:
-        """The run's samples (num, ...): images clipped and rounded to 8 bits, as a saved PNG would hold."""
+        """The run's samples (num, ...): images clipped and rounded to 8 bits, as a saved PNG would hold.
+        A conditional run draws ``labels``, with its guidance."""
         o = self.options
-        x = self.run.sample(o.num, options=self.sample_options, batch_size=o.batch_size, seed=o.seed,
-                            progress=o.progress)
+        x = self.run.sample(o.num, labels=self.labels, options=self.sample_options, batch_size=o.batch_size,
+                            seed=o.seed, progress=o.progress)
         return _quantize(x) if self.run.kind == "image" else x
 
     def sampler_description(self) -> str:
         options = self.sample_options
-        return f"{options.sampler}, {options.steps or self.run.schedule.num_steps} steps"
+        text = f"{options.sampler}, {options.steps or self.run.schedule.num_steps} steps"
+        return text + (f", guidance {options.guidance:g}" if self.run.conditional else "")
 
 
 def _quantize(images: Tensor) -> Tensor:
@@ -162,10 +169,13 @@ def _quantize(images: Tensor) -> Tensor:
 
 def _bpd(e: _Evaluation) -> dict[str, Any]:
     o, run = e.options, e.run
-    data = e.reference(o.heldout).data
+    reference = e.reference(o.heldout)
     images = run.kind == "image"
-    x0 = _quantize(data) if images else data
-    bound = variational_bound(run.ema_model, run.schedule, x0.to(run.schedule.device),
+    x0 = _quantize(reference.data) if images else reference.data
+    model = run.ema_model
+    if run.conditional:  # the bound of p(x0 | class), each example conditioned on its true class
+        model = functools.partial(model, labels=reference.labels.to(run.schedule.device))
+    bound = variational_bound(model, run.schedule, x0.to(run.schedule.device),
                               prediction=run.config.diffusion.prediction, variance=o.bound_variance,
                               decoder="discretized" if images else "gaussian",
                               generator=torch.Generator(run.schedule.device).manual_seed(o.seed), progress=o.progress)
@@ -180,7 +190,7 @@ def _bpd(e: _Evaluation) -> dict[str, Any]:
         "examples": len(total),
         "decoder_kind": "discretized (8-bit)" if images else "gaussian (continuous; can be negative)",
         "variance": o.bound_variance,
-    }
+    } | ({"conditioned_on": "each example's true class"} if run.conditional else {})
 
 
 def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
@@ -200,6 +210,7 @@ def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
     return {
         "fid": frechet_distance(samples, reference),
         "fid_of_real_digits": floor,
+        **(_per_class(e, model, test) if e.run.conditional else {}),
         "confident_fraction": float(view.confident_fraction),
         "mean_max_prob": float(view.mean_max_prob),
         "class_histogram": [round(float(c), 4) for c in view.class_histogram],
@@ -208,6 +219,27 @@ def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
         "classifier_test_accuracy": float(info["test_accuracy"]),
         "sampler": e.sampler_description(),
     }
+
+
+def _per_class(e: _Evaluation, model: torch.nn.Module, test: Dataset) -> dict[str, Any]:
+    """A conditional MNIST run: the share of samples the classifier assigns to the class they were drawn
+    for, and FID-MNIST of each class's samples against that digit's test images."""
+    from ddpm.evaluation.classifier import classifier_accuracy, mnist_features
+
+    if tuple(e.run.classes) != MNIST_CLASSES:
+        raise ValueError(f"the run's classes {', '.join(e.run.classes)} are not MNIST's digits 0..9")
+    asked = e.labels
+    accuracy = classifier_accuracy(model, e.samples, asked)
+    fids = []
+    for digit in range(len(MNIST_CLASSES)):
+        mine = e.samples[asked == digit]
+        if len(mine) < 2:
+            fids.append(float("nan"))
+            continue
+        fids.append(frechet_distance(feature_statistics(mnist_features(model, mine)),
+                                     feature_statistics(mnist_features(model, test.data[test.labels == digit]))))
+    return {"class_accuracy": accuracy, "fid_per_class": [round(f, 3) for f in fids],
+            "fid_per_class_mean": sum(fids) / len(fids)}
 
 
 def _fid(e: _Evaluation) -> dict[str, Any]:

@@ -150,13 +150,15 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
     """A plain JSON-able dict that rebuilds ``model``'s architecture with ``build_model_from_dict``.
 
     {"preset": name, **every config field}, tuples as lists. Every field is written out, so later
-    changes to a preset's defaults do not change a saved model. Accepts a model wrapped by
+    changes to a preset's defaults do not change a saved model; num_classes only when it is not 0. Accepts a model wrapped by
     torch.compile or DistributedDataParallel.
     """
     model = unwrap_model(model)
     if not dataclasses.is_dataclass(getattr(model, "config", None)) or type(model.config) not in _ARCHITECTURES:
         raise ValueError(f"{type(model).__name__} is not a ddpm.models network (no model config on it)")
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
+    if not fields.get("num_classes"):
+        del fields["num_classes"]  # an unconditional network is described as before classes existed
     return {"preset": model.preset, **fields}
 
 

@@ -44,3 +44,28 @@ class SinusoidalEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_period={self.max_period:g}"
+
+
+class ClassEmbedding(nn.Module):
+    """A learned vector per class, plus one for "no class", for class-conditional networks.
+
+    The network adds it to its timestep embedding (Nichol & Dhariwal 2021, improved-diffusion's way),
+    so every block that sees the noise level sees the class too. Index ``num_classes`` is "no class":
+    training drops labels to it with some probability (classifier-free guidance, Ho & Salimans 2022),
+    so one network learns both the conditional and the unconditional noise.
+
+    forward(labels: (B,) int64 in 0..num_classes, or None for "no class" throughout, batch: B) -> (B, dim).
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: Tensor | None, batch: int) -> Tensor:
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.table.weight.device)
+        return self.table(labels)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes} (+1 for no class)"

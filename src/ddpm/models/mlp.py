@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ddpm.models._checks import check_input_shapes
-from ddpm.models.embeddings import SinusoidalEmbedding
-from ddpm.validation import check_fields, require_positive
+from ddpm.models.embeddings import ClassEmbedding, SinusoidalEmbedding
+from ddpm.validation import check_fields, check_range, require_positive
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,12 @@ class ToyMLPConfig:
     image_size: int = 28  # H = W of the images
     hidden_dim: int = 512  # width of the single hidden layer
     num_steps: int = 1000  # T, to scale t to t/T in [0, 1)
+    num_classes: int = 0  # classes of a class-conditional network (0: unconditional; ClassEmbedding)
 
     def __post_init__(self) -> None:
         check_fields(self)
         require_positive(self, "channels", "image_size", "hidden_dim", "num_steps")
+        check_range("num_classes", self.num_classes, minimum=0)
 
 
 class ToyMLP(nn.Module):
@@ -50,14 +52,21 @@ class ToyMLP(nn.Module):
             nn.ReLU(),
             nn.Linear(config.hidden_dim, data_dim),
         )
+        # A class adds its own bias to the hidden layer (as a one-hot input feature would).
+        self.class_embed = ClassEmbedding(config.num_classes, config.hidden_dim) if config.num_classes else None
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """labels: (B,) class indices of a conditional network (num_classes: no class; None: no class for all)."""
         c, s = self.config.channels, self.config.image_size
-        check_input_shapes(x_t, t, (c, s, s))
+        check_input_shapes(x_t, t, (c, s, s), labels=labels, num_classes=self.config.num_classes)
         # Divide in float32: half precision cannot hold every integer t up to T exactly.
         t_feature = (t.to(torch.float32)[:, None] / self.config.num_steps).to(x_t.dtype)  # (B, 1)
         h = torch.cat([x_t.flatten(1), t_feature], dim=1)  # (B, C*H*W + 1)
-        return self.net(h).view_as(x_t)
+        if self.class_embed is None:
+            return self.net(h).view_as(x_t)
+        first, activation, last = self.net
+        hidden = first(h) + self.class_embed(labels, x_t.shape[0]).to(h.dtype)
+        return last(activation(hidden)).view_as(x_t)
 
 
 @dataclass(frozen=True)
@@ -69,10 +78,12 @@ class ResidualMLPConfig:
     num_blocks: int = 3  # residual blocks, each two Linear layers
     time_embed_dim: int = 64  # size of the sinusoidal embedding of t, before its MLP
     norm: Literal["layer", "none"] = "layer"  # LayerNorm at the start of each block and before the output, or none
+    num_classes: int = 0  # classes of a class-conditional network (0: unconditional; ClassEmbedding)
 
     def __post_init__(self) -> None:
         check_fields(self)
         require_positive(self, "data_dim", "hidden_dim", "num_blocks", "time_embed_dim")
+        check_range("num_classes", self.num_classes, minimum=0)
 
 
 class ResidualMLPBlock(nn.Module):
@@ -112,12 +123,18 @@ class ResidualMLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, config.norm) for _ in range(config.num_blocks))
         self.output_norm = nn.LayerNorm(hidden) if config.norm == "layer" else nn.Identity()
         self.output_proj = nn.Linear(hidden, config.data_dim)
+        # Made last, so that the other weights are those of the unconditional network of the same seed.
+        self.class_embed = ClassEmbedding(config.num_classes, hidden) if config.num_classes else None
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        check_input_shapes(x_t, t, (self.config.data_dim,))
-        # SiLU once here rather than in every block: each block projects SiLU(temb).
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """labels: (B,) class indices of a conditional network (num_classes: no class; None: no class for all)."""
+        check_input_shapes(x_t, t, (self.config.data_dim,), labels=labels, num_classes=self.config.num_classes)
         # The embedding is computed in float32 (exact for integer t) and cast to the model's dtype.
-        temb = nn.functional.silu(self.time_mlp(self.time_embed(t).to(x_t.dtype)))  # (B, hidden)
+        temb = self.time_mlp(self.time_embed(t).to(x_t.dtype))  # (B, hidden)
+        if self.class_embed is not None:  # the class joins the timestep, as in the U-Net
+            temb = temb + self.class_embed(labels, x_t.shape[0]).to(temb.dtype)
+        # SiLU once here rather than in every block: each block projects SiLU(temb).
+        temb = nn.functional.silu(temb)
         h = self.input_proj(x_t)
         for block in self.blocks:
             h = block(h, temb)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ddpm.models._checks import check_input_shapes
-from ddpm.models.embeddings import SinusoidalEmbedding
+from ddpm.models.embeddings import ClassEmbedding, SinusoidalEmbedding
 from ddpm.validation import check_fields, check_range, require_positive
 
 
@@ -33,10 +33,12 @@ class SmallUNetConfig:
     channels: tuple[int, ...] = (16, 32, 64)  # conv channels per level, coarsest last (the bottleneck)
     embed_dim: int = 16  # width of the learned timestep embedding
     num_steps: int = 1000  # T: rows of the timestep-embedding table, one per step
+    num_classes: int = 0  # classes of a class-conditional network (0: unconditional; ClassEmbedding)
 
     def __post_init__(self) -> None:
         check_fields(self)
         require_positive(self, "in_channels", "image_size", "channels", "embed_dim", "num_steps")
+        check_range("num_classes", self.num_classes, minimum=0)
         if self.out_channels is not None:
             require_positive(self, "out_channels")
         if len(self.channels) < 2:
@@ -95,10 +97,16 @@ class SmallUNet(nn.Module):
             # Input: the upsampled features and the encoder's skip, both c_out channels.
             self.decoder.append(ConvBlock(2 * c_out, c_out, config.embed_dim))
         self.output_conv = nn.Conv2d(chans[0], config.out_channels or config.in_channels, kernel_size=1)
+        # Made last, so that the other weights are those of the unconditional network of the same seed.
+        self.class_embed = ClassEmbedding(config.num_classes, config.embed_dim) if config.num_classes else None
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        check_input_shapes(x_t, t, (self.config.in_channels, None, None), self.downsample_factor)
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """labels: (B,) class indices of a conditional network (num_classes: no class; None: no class for all)."""
+        check_input_shapes(x_t, t, (self.config.in_channels, None, None), self.downsample_factor, labels,
+                           self.config.num_classes)
         temb = self.time_embed(t)  # (B, embed_dim)
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(labels, x_t.shape[0])
         skips = []
         h = x_t
         for block in self.encoder:
@@ -138,10 +146,12 @@ class UNetConfig:
     dropout: float = 0.1  # dropout rate inside each residual block, before its second conv
     num_groups: int = 32  # GroupNorm groups; must divide every channel count
     zero_init: bool = True  # zero the last conv of each residual and attention block and the output conv
+    num_classes: int = 0  # classes of a class-conditional network (0: unconditional; ClassEmbedding)
 
     def __post_init__(self) -> None:
         check_fields(self)
         require_positive(self, "in_channels", "image_size", "ch", "channel_mult", "num_res_blocks", "num_groups")
+        check_range("num_classes", self.num_classes, minimum=0)
         if self.out_channels is not None:
             require_positive(self, "out_channels")
         if not self.channel_mult:
@@ -381,12 +391,19 @@ class UNet(nn.Module):
         if config.zero_init:
             # The network starts by predicting eps = 0, the mean of the target, instead of a random field.
             _zero(self.output_conv)
+        # Made last, so that the other weights are those of the unconditional network of the same seed.
+        self.class_embed = ClassEmbedding(config.num_classes, temb_dim) if config.num_classes else None
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        check_input_shapes(x_t, t, (self.config.in_channels, None, None), self.downsample_factor)
-        # SiLU once here rather than in every block: each block projects SiLU(temb).
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """labels: (B,) class indices of a conditional network (num_classes: no class; None: no class for all)."""
+        check_input_shapes(x_t, t, (self.config.in_channels, None, None), self.downsample_factor, labels,
+                           self.config.num_classes)
         # The embedding is computed in float32 (exact for integer t) and cast to the model's dtype.
-        temb = F.silu(self.time_mlp(self.time_embed(t).to(x_t.dtype)))  # (B, 4ch)
+        temb = self.time_mlp(self.time_embed(t).to(x_t.dtype))  # (B, 4ch)
+        if self.class_embed is not None:  # the class joins the timestep (improved-diffusion's way)
+            temb = temb + self.class_embed(labels, x_t.shape[0]).to(temb.dtype)
+        # SiLU once here rather than in every block: each block projects SiLU(temb).
+        temb = F.silu(temb)
         biases = iter(self.timestep_biases(temb))  # one (B, C) bias per residual block, in order
         h = self.input_conv(x_t)
         skips = [h]
