@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -452,3 +451,49 @@ def test_eval_of_a_conditional_mnist_run_reports_class_accuracy_and_fid_per_clas
 
 def _eval(capsys, run_dir: Path, out: Path, *args: str) -> tuple[int, str, str]:
     return _cli(capsys, "eval", str(run_dir), "--json", str(out), "--quiet", *args)
+
+
+# --- the fault guarantees hold for conditional runs -----------------------------------------------
+
+def test_a_conditional_run_killed_mid_training_resumes_bitwise(shapes_run, tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = shapes_run.parent / "data"
+    args = ["train", "--data", str(data), "--conditional", "--steps", "30", "--checkpoint-every", "3", "--num-steps",
+            "50", "--batch-size", "8", "--eval-every", "0", "--sample-every", "0", "--no-tensorboard", "--quiet"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "ddpm", *args, "--out", "straight"], cwd=tmp_path, env=env, check=True)
+    process = subprocess.Popen([sys.executable, "-m", "ddpm", *args, "--out", "killed"], cwd=tmp_path, env=env)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 60
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random().uniform(0.0, 0.2))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    assert latest.read_text().strip() != "step_0000030"
+    subprocess.run([sys.executable, "-m", "ddpm", *args, "--out", "killed", "--resume"], cwd=tmp_path, env=env,
+                   check=True)
+    for name in ("model.safetensors", "ema.safetensors", "state.safetensors"):
+        straight = tmp_path / "straight" / "checkpoints" / "step_0000030" / name
+        assert straight.read_bytes() == (tmp_path / "killed" / "checkpoints" / "step_0000030" / name).read_bytes()
+
+
+@pytest.mark.parametrize("classes", [["circle"], ["circle", "circle"], "circle,square", None])
+def test_damaged_class_names_in_config_json_are_one_line(shapes_run, tmp_path, capsys, classes):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(shapes_run, run)
+    path = run / "checkpoints" / "step_0000004" / "config.json"
+    metadata = json.loads(path.read_text())
+    metadata["data"]["classes"] = classes
+    path.write_text(json.dumps(metadata))
+    code, out, err = _cli(capsys, "sample", str(run), "--class", "0", "--quiet")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "key 'data.classes' should be the 2 distinct class names of 'model.num_classes'" in err

@@ -284,6 +284,9 @@ def test_load_cifar10_folder_and_archive(tmp_path):
     from_archive = load_cifar10(archive, "train")
     assert np.array_equal(from_archive.images, train.images)
     assert np.array_equal(from_archive.labels, train.labels)
+    # As a dataset, with its class names (batches.meta's order), for conditional runs.
+    dataset = load_dataset(tmp_path / "extracted")
+    assert dataset.labels.tolist() == labels and dataset.classes[0] == "airplane" and dataset.classes[9] == "truck"
 
 
 class _Exploit:

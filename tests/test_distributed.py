@@ -203,3 +203,18 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
     step = int(ours[0].split(" at step ")[1].split(";")[0])
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:07d}"
     assert ddpm.load(tmp_path / "run").step == step
+
+
+def test_a_conditional_run_on_two_processes_trains_the_weights_of_one(tmp_path):
+    # Labels and their dropout are drawn for the whole global batch, like the examples and the noise.
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    classes = generator.integers(0, 3, 512)
+    points = np.stack([np.cos(2.1 * classes), np.sin(2.1 * classes)], 1) + 0.1 * generator.standard_normal((512, 2))
+    np.savez(tmp_path / "labelled.npz", data=points.astype(np.float32), labels=np.array(["a", "b", "c"])[classes])
+    conditional = ["--data", str(tmp_path / "labelled.npz"), "--conditional", "--label-dropout", "0.3"]
+    run(SINGLE, "--out", "accum", "--steps", "20", "--grad-accum", "2", *POINTS, *conditional, cwd=tmp_path)
+    run(TORCHRUN, "--out", "two", "--steps", "20", *POINTS, *conditional, cwd=tmp_path)
+    assert max_difference(tmp_path / "two", tmp_path / "accum") == 0.0
+    assert ddpm.load(tmp_path / "two").classes == ("a", "b", "c")
