@@ -177,7 +177,9 @@ class SampleConfig:
     threshold: float | None = _field(None, "dynamic thresholding: clip x0 at this quantile of |x0| (e.g. 0.995) "
                                      "and rescale into [-1, 1]; replaces clip (images only)", above=0.0, maximum=1.0,
                                      resumable=True)
-    guidance: float = _field(1.0, "classifier-free guidance w of a conditional run: eps_uncond + w (eps_cond - "
+    # 1.5 measured best on the conditional mnist preset's run (docs/results.md): 98.1% of samples the
+    # asked digit and FID-MNIST 20.1, against 90.3% and 19.0 at w = 1 and 99.5% and 42.9 at w = 2.
+    guidance: float = _field(1.5, "classifier-free guidance w of a conditional run: eps_uncond + w (eps_cond - "
                                   "eps_uncond); 0 unconditional, 1 plainly conditional, more: closer to the class",
                              minimum=0.0, below=math.inf, resumable=True)
     num_samples: int = _field(16, "images in each sample grid drawn during training", minimum=1, resumable=True,
