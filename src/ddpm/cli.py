@@ -462,6 +462,49 @@ def _table(report: dict[str, dict[str, Any]]) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows)
 
 
+# --- ddpm import / export ------------------------------------------------------------------------
+
+def _add_import(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "import", help="make a run directory of a Hugging Face diffusers UNet2DModel / DDPMPipeline folder",
+        description="Convert a diffusers folder (model_index.json with unet/ and scheduler/, or config.json, "
+                    "scheduler_config.json and the weights at its root, as google/ddpm-cifar10-32) into a ddpm run "
+                    "that ddpm sample, ddpm eval and ddpm.load use. Reads JSON and safetensors (a legacy .bin only "
+                    "with torch.load(weights_only=True)); diffusers itself is not needed.")
+    parser.add_argument("path", metavar="FOLDER")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write (new or empty)")
+    parser.add_argument("--data", help="the dataset the model was trained on, for ddpm eval (e.g. cifar10)")
+    parser.add_argument("--data-dir", help="where that dataset's files are (MNIST / CIFAR-10)")
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ddpm.interop import import_diffusers
+
+    out = import_diffusers(args.path, args.out, data=args.data, data_dir=args.data_dir)
+    print(f"imported {args.path} into {out}: ddpm sample {out} / ddpm eval {out}")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="write a run as a folder other tools load (diffusers' DDPMPipeline)",
+        description="Write a run's network and noise schedule as a diffusers DDPMPipeline folder: "
+                    "DDPMPipeline.from_pretrained(FOLDER) loads it. The EMA weights unless --raw.")
+    parser.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write (new or empty)")
+    parser.add_argument("--format", choices=["diffusers"], default="diffusers", help="diffusers (default; the only one)")
+    parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
+
+
+def _export(args: argparse.Namespace) -> int:
+    import ddpm
+    from ddpm.interop import export_diffusers
+
+    out = export_diffusers(ddpm.load(args.run), args.out, ema=not args.raw)
+    print(f"wrote {out}: diffusers.DDPMPipeline.from_pretrained({str(out)!r})")
+    return 0
+
+
 # --- listings -------------------------------------------------------------------------------------
 
 def _presets(args: argparse.Namespace) -> int:
@@ -498,12 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_sample(commands)
     _add_eval(commands)
+    _add_import(commands)
+    _add_export(commands)
     commands.add_parser("presets", help="list the training and model presets, one line each")
     commands.add_parser("datasets", help="list the built-in datasets, one line each")
     return parser
 
 
-_COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "presets": _presets, "datasets": _datasets}
+_COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "import": _import, "export": _export,
+             "presets": _presets, "datasets": _datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -150,16 +150,24 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
     """A plain JSON-able dict that rebuilds ``model``'s architecture with ``build_model_from_dict``.
 
     {"preset": name, **every config field}, tuples as lists. Every field is written out, so later
-    changes to a preset's defaults do not change a saved model; num_classes only when it is not 0. Accepts a model wrapped by
+    changes to a preset's defaults do not change a saved model; the fields added later (num_classes and those
+    where implementations differ) only when they are not at their defaults. Accepts a model wrapped by
     torch.compile or DistributedDataParallel.
     """
     model = unwrap_model(model)
     if not dataclasses.is_dataclass(getattr(model, "config", None)) or type(model.config) not in _ARCHITECTURES:
         raise ValueError(f"{type(model).__name__} is not a ddpm.models network (no model config on it)")
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
-    if not fields.get("num_classes"):
-        del fields["num_classes"]  # an unconditional network is described as before classes existed
+    for name, default in _LATER_FIELDS.items():  # at their defaults, a network is described as it was before them
+        if name in fields and fields[name] == default:
+            del fields[name]
     return {"preset": model.preset, **fields}
+
+
+# Fields added after runs were first saved, written only when they differ from these values: a network
+# that does not use them has the config.json it had before they existed.
+_LATER_FIELDS = {"num_classes": 0, "norm_eps": 1e-5, "time_freq_shift": 0.0, "downsample_padding": 1,
+                 "attention_head_dim": None}
 
 
 def build_model_from_dict(config: Mapping[str, Any], *, seed: int | None = None,

@@ -8,17 +8,19 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, shift: float = 0.0) -> Tensor:
     """The Transformer's sinusoidal position encoding (Vaswani et al. 2017, sec. 3.5), applied to timesteps.
 
     t: (B,) timesteps, integer (0..T-1, index 0 the least noisy step) or float.
     Returns (B, dim) float32: [sin(t * f_0), ..., sin(t * f_{h-1}), cos(t * f_0), ..., cos(t * f_{h-1})]
     with h = dim // 2 frequencies f_i = max_period ** (-i / h), geometric from 1 down towards
     1 / max_period; an odd dim gets a final zero column. DDPM uses this to tell the shared network
-    which noise level it is at (Ho et al. 2020, sec. 4 and App. B).
+    which noise level it is at (Ho et al. 2020, sec. 4 and App. B). shift: f_i = max_period ** (-i / (h - shift)),
+    so that shift = 1 reaches 1 / max_period at the last frequency, as the paper's TensorFlow code does
+    (diffusers' freq_shift).
     """
     half = dim // 2
-    exponents = torch.arange(half, device=t.device, dtype=torch.float32) / half
+    exponents = torch.arange(half, device=t.device, dtype=torch.float32) / (half - shift)
     frequencies = torch.exp(-math.log(max_period) * exponents)  # (h,)
     # float32 is exact for integer t far beyond any T in use (2**24).
     angles = t.to(torch.float32)[:, None] * frequencies[None, :]  # (B, h)
@@ -34,16 +36,17 @@ class SinusoidalEmbedding(nn.Module):
     forward(t: (B,)) -> (B, dim).
     """
 
-    def __init__(self, dim: int, max_period: float = 10000.0) -> None:
+    def __init__(self, dim: int, max_period: float = 10000.0, shift: float = 0.0) -> None:
         super().__init__()
         self.dim = dim
         self.max_period = max_period
+        self.shift = shift
 
     def forward(self, t: Tensor) -> Tensor:
-        return sinusoidal_embedding(t, self.dim, self.max_period)
+        return sinusoidal_embedding(t, self.dim, self.max_period, self.shift)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, max_period={self.max_period:g}"
+        return f"dim={self.dim}, max_period={self.max_period:g}" + (f", shift={self.shift:g}" if self.shift else "")
 
 
 class ClassEmbedding(nn.Module):

@@ -147,11 +147,29 @@ class UNetConfig:
     num_groups: int = 32  # GroupNorm groups; must divide every channel count
     zero_init: bool = True  # zero the last conv of each residual and attention block and the output conv
     num_classes: int = 0  # classes of a class-conditional network (0: unconditional; ClassEmbedding)
+    # Where implementations differ (diffusers' UNet2DModel names in brackets); the defaults are ddpm's own,
+    # google/ddpm-cifar10-32 (the paper's TensorFlow model) has 1e-6, 1, 0 and None.
+    norm_eps: float = 1e-5  # epsilon of every GroupNorm [norm_eps]
+    time_freq_shift: float = 0.0  # timestep frequencies 10000 ** (-i / (ch / 2 - shift)) [freq_shift]
+    downsample_padding: int = 1  # 1: a pixel on every side; 0: on the right and bottom only (TF's "SAME") [same]
+    attention_head_dim: int | None = None  # channels per attention head; None: one head [attention_head_dim]
 
     def __post_init__(self) -> None:
         check_fields(self)
         require_positive(self, "in_channels", "image_size", "ch", "channel_mult", "num_res_blocks", "num_groups")
         check_range("num_classes", self.num_classes, minimum=0)
+        check_range("norm_eps", self.norm_eps, above=0.0)
+        check_range("time_freq_shift", self.time_freq_shift, minimum=0.0, below=self.ch // 2)
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding={self.downsample_padding!r}: use 1 (every side) or 0 (right and "
+                             "bottom only)")
+        if self.attention_head_dim is not None:
+            require_positive(self, "attention_head_dim")
+            widths = sorted({self.ch * self.channel_mult[level] for level in range(len(self.channel_mult))
+                             if self.attention_at(level)} | {self.ch * self.channel_mult[-1]})
+            if any(c % self.attention_head_dim for c in widths):
+                raise ValueError(f"attention_head_dim={self.attention_head_dim} must divide the channels of every "
+                                 f"attention block: {', '.join(map(str, widths))}")
         if self.out_channels is not None:
             require_positive(self, "out_channels")
         if not self.channel_mult:
@@ -226,12 +244,12 @@ class ResidualBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, num_groups: int, dropout: float,
-                 zero_init: bool) -> None:
+                 zero_init: bool, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, in_ch)
+        self.norm1 = nn.GroupNorm(num_groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(num_groups, out_ch)
+        self.norm2 = nn.GroupNorm(num_groups, out_ch, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -249,19 +267,23 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection.
+    """Self-attention over the H*W positions, with a residual connection: one head (the paper's), or
+    C / head_dim heads, each a contiguous slice of head_dim channels of q, k and v.
 
-    GroupNorm, a 1x1 conv to queries, keys and values, softmax(q k^T / sqrt(C)) v through
-    ``F.scaled_dot_product_attention``, a 1x1 output projection. x: (B, C, H, W) -> (B, C, H, W).
+    GroupNorm, a 1x1 conv to queries, keys and values, softmax(q k^T / sqrt(d)) v through
+    ``F.scaled_dot_product_attention`` (d: the head's channels), a 1x1 output projection.
+    x: (B, C, H, W) -> (B, C, H, W).
 
     The 1x1 convs are applied as matrix products over the tokens (the same weights, kept as conv
     weights so checkpoints do not change). That leaves q, k and v with a contiguous last dimension,
     which the fused attention kernels need; from a channels_last input no copy is made at all.
     """
 
-    def __init__(self, channels: int, num_groups: int, zero_init: bool) -> None:
+    def __init__(self, channels: int, num_groups: int, zero_init: bool, eps: float = 1e-5,
+                 head_dim: int | None = None) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.heads = 1 if head_dim is None else channels // head_dim
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         if zero_init:
@@ -271,21 +293,27 @@ class AttentionBlock(nn.Module):
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C): one token per position
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, H*W, 3C)
-        q, k, v = qkv[:, None].chunk(3, dim=-1)  # each (B, 1 head, H*W, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C); default scale is 1/sqrt(C)
-        h = F.linear(h[:, 0], self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
+        if self.heads == 1:
+            q, k, v = qkv[:, None].chunk(3, dim=-1)  # each (B, 1 head, H*W, C)
+            h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, H*W, C); default scale is 1/sqrt(C)
+        else:
+            q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, heads, H*W, d)
+            h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, H*W, C); scale 1/sqrt(d)
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, H*W, C)
         return x + h.transpose(1, 2).reshape(b, c, height, width)
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 conv3x3. (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """Halve H and W with a stride-2 conv3x3. (B, C, H, W) -> (B, C, H/2, W/2). padding 1 pads every
+    side; 0 pads one pixel on the right and bottom only, as TensorFlow's "SAME" (the paper's code)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(x if self.padding else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -337,14 +365,15 @@ class UNet(nn.Module):
         temb_dim = 4 * config.ch
 
         def res_block(c_in: int, c_out: int) -> ResidualBlock:
-            return ResidualBlock(c_in, c_out, temb_dim, config.num_groups, config.dropout, config.zero_init)
+            return ResidualBlock(c_in, c_out, temb_dim, config.num_groups, config.dropout, config.zero_init,
+                                 config.norm_eps)
 
         def attention(c: int, level: int) -> nn.Module:
             if config.attention_at(level):
-                return AttentionBlock(c, config.num_groups, config.zero_init)
+                return AttentionBlock(c, config.num_groups, config.zero_init, config.norm_eps, config.attention_head_dim)
             return nn.Identity()
 
-        self.time_embed = SinusoidalEmbedding(config.ch)
+        self.time_embed = SinusoidalEmbedding(config.ch, shift=config.time_freq_shift)
         self.time_mlp = nn.Sequential(nn.Linear(config.ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.input_conv = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
 
@@ -360,13 +389,14 @@ class UNet(nn.Module):
                 attns.append(attention(c_out, i))
                 c = c_out
                 skip_channels.append(c)
-            downsample = Downsample(c) if i < num_levels - 1 else None
+            downsample = Downsample(c, config.downsample_padding) if i < num_levels - 1 else None
             if downsample is not None:
                 skip_channels.append(c)
             self.down.append(UNetLevel(blocks, attns, downsample))
 
         self.mid_block1 = res_block(c, c)
-        self.mid_attn = AttentionBlock(c, config.num_groups, config.zero_init)
+        self.mid_attn = AttentionBlock(c, config.num_groups, config.zero_init, config.norm_eps,
+                                       config.attention_head_dim)
         self.mid_block2 = res_block(c, c)
 
         # Decoder: one block more per level than the encoder, to use the downsampled activations too.
@@ -386,7 +416,7 @@ class UNet(nn.Module):
             *(b for level in self.down for b in level.res_blocks), self.mid_block1, self.mid_block2,
             *(b for level in self.up for b in level.res_blocks)]
 
-        self.output_norm = nn.GroupNorm(config.num_groups, c)
+        self.output_norm = nn.GroupNorm(config.num_groups, c, eps=config.norm_eps)
         self.output_conv = nn.Conv2d(c, config.out_channels or config.in_channels, 3, padding=1)
         if config.zero_init:
             # The network starts by predicting eps = 0, the mean of the target, instead of a random field.
