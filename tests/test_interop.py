@@ -186,6 +186,10 @@ def test_bad_folders_and_configs_are_one_line(tmp_path, capsys):
     no_weights.mkdir()
     (no_weights / "config.json").write_text((tmp_path / "unet" / "config.json").read_text())
     cases["missing weights"] = (no_weights, "has no weights: expected diffusion_pytorch_model.safetensors")
+    no_scheduler = tmp_path / "no_scheduler"
+    random_unet(**SMALL).save_pretrained(no_scheduler)
+    cases["missing scheduler"] = (no_scheduler, "has no scheduler config (scheduler/scheduler_config.json or "
+                                                "scheduler_config.json)")
     for key, value, text in (("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift = \"scale_shift\""),
                              ("down_block_types", ["SkipDownBlock2D", "AttnDownBlock2D"], "down_block_types = "),
                              ("_class_name", "UNet2DConditionModel", "ddpm imports UNet2DModel only")):
@@ -197,15 +201,16 @@ def test_bad_folders_and_configs_are_one_line(tmp_path, capsys):
         (folder / "diffusion_pytorch_model.safetensors").write_bytes(
             (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
         cases[key] = (folder, text)
+    small = build_config("square-fast", {"diffusion": {"num_steps": 20}, "train": {
+        "steps": 1, "batch_size": 4, "checkpoint_every": 1, "sample_every": 0, "eval_every": 0, "tensorboard": False}})
+    run_dir = train(small, tmp_path / "tutorial", progress=False, log=lambda message: None).run_dir
+    cases["a ddpm run"] = (run_dir, "is a ddpm run directory, not a diffusers folder")
     for name, (folder, text) in cases.items():
         code = main(["import", str(folder), "--out", str(tmp_path / f"out-{folder.name}")])
         err = capsys.readouterr().err
         assert code == 2 and text in err and err.count("\n") == 1, (name, err)
         assert not (tmp_path / f"out-{folder.name}").exists(), name
     # A network diffusers' UNet2DModel cannot express, and an occupied --out.
-    small = build_config("square-fast", {"diffusion": {"num_steps": 20}, "train": {
-        "steps": 1, "batch_size": 4, "checkpoint_every": 1, "sample_every": 0, "eval_every": 0, "tensorboard": False}})
-    run_dir = train(small, tmp_path / "tutorial", progress=False, log=lambda message: None).run_dir
     exportable = _trained_run(tmp_path)
     for args, text in (([str(run_dir), "--out", str(tmp_path / "x")], "'unet-small', which diffusers' UNet2DModel "
                                                                        "cannot express"),

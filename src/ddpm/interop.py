@@ -92,7 +92,12 @@ def read_diffusers(path: str | Path) -> DiffusersFolder:
         raise InteropError(f"{root} is not a diffusers folder: no {config_path.relative_to(root)} "
                            f"(a pipeline has model_index.json, unet/ and scheduler/; a model config.json and weights)")
     config = _read_json(config_path)
-    name = config.get("_class_name", "UNet2DModel")
+    if config.get("format") == "ddpm run":
+        raise InteropError(f"{root} is a ddpm run directory, not a diffusers folder: ddpm sample and ddpm eval use it "
+                           "as it is")
+    name = config.get("_class_name")
+    if name is None:
+        raise InteropError(f"{config_path} has no _class_name: it is not a diffusers model config")
     if name != "UNet2DModel":
         raise InteropError(f"{config_path}: _class_name = {name!r}; ddpm imports UNet2DModel only")
     unet_config = {**UNET_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")},
