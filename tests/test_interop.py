@@ -218,3 +218,17 @@ def test_bad_folders_and_configs_are_one_line(tmp_path, capsys):
         code = main(["export", *args])
         err = capsys.readouterr().err
         assert code == 2 and text in err and err.count("\n") == 1, err
+
+
+def test_a_ddim_pipeline_imports_with_its_own_walk(tmp_path):
+    reference = random_unet(**SMALL)
+    diffusers.DDIMPipeline(unet=reference, scheduler=diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2",
+                                                                             prediction_type="v_prediction")
+                           ).save_pretrained(tmp_path / "pipe")
+    assert main(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run")]) == 0
+    run = ddpm.load(tmp_path / "run")
+    assert run.config.sample.sampler == "ddim" and run.config.diffusion.schedule == "cosine"
+    assert run.config.diffusion.prediction == "v"
+    # diffusers' cosine betas are float32 computations of the same formula as ddpm's float64 ones.
+    scheduler = diffusers.DDIMScheduler.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    assert torch.allclose(run.schedule.alphas_cumprod, scheduler.alphas_cumprod, rtol=1e-4, atol=1e-6)
