@@ -157,7 +157,7 @@ def test_an_exported_run_loads_in_diffusers_and_steps_as_ddpm_does(tmp_path, cap
     assert relative_difference(theirs, ours) <= 1e-5
 
 
-def test_import_export_import_keeps_every_weight(tmp_path):
+def test_import_export_import_keeps_every_weight(tmp_path, capsys):
     random_unet(**dict(SMALL, **{k: PAPER[k] for k in ("downsample_padding", "flip_sin_to_cos", "freq_shift",
                                                         "norm_eps")}, attention_head_dim=4, num_class_embeds=3),
                 ).save_pretrained(tmp_path / "unet")
@@ -174,6 +174,11 @@ def test_import_export_import_keeps_every_weight(tmp_path):
     assert exported["num_class_embeds"] == 4 and exported["attention_head_dim"] == 4  # "no class" kept as a row
     x = first.sample(2, labels=[0, 2], guidance=2.0, sampler="heun", steps=3)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    # An imported run has weights, no training state: resuming it is refused in one line.
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(tmp_path / "first"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "was made by ddpm import" in err and "no training state to resume" in err and err.count("\n") == 1, err
 
 
 def test_bad_folders_and_configs_are_one_line(tmp_path, capsys):

@@ -403,8 +403,8 @@ def import_diffusers(path: str | Path, out: str | Path, *, data: str | None = No
                 "data": {"kind": "image", "sample_shape": shape, "name": f"imported from {path}", **classes}}
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out / "config.json", metadata)
-    ckpt.save_checkpoint(out, 0, model=network, ema_model=network, tensors={}, state={"step": 0}, config=metadata,
-                         keep=1)
+    ckpt.save_checkpoint(out, 0, model=network, ema_model=network, tensors={},
+                         state={"step": 0, "imported_from": str(path)}, config=metadata, keep=1)
     return out
 
 

@@ -226,6 +226,8 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
         config = check_resume_config(config_from_dict(saved["config"], where=str(run_dir / "config.json")),
                                      config, changed or set())
         checkpoint = ckpt.latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            _refuse_imported(run_dir, checkpoint)
         if checkpoint is None:
             check_nothing_was_lost(run_dir, config)
             notes.append(f"{run_dir} stopped before its first checkpoint: training it again from step 0")
@@ -381,6 +383,14 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     run.optimizer.zero_grad(set_to_none=True)
     update_ema(run.ema_model, run.model, ema_decay(config, step))
     return torch.cat(per_example), batch.t, grad_norm
+
+
+def _refuse_imported(run_dir: Path, checkpoint: Path) -> None:
+    """A run made by `ddpm import` holds weights but no training state (optimiser, data order): refused."""
+    state = ckpt.read_json(checkpoint / "state.json", "training state")
+    if isinstance(state, dict) and state.get("imported_from"):
+        raise RunDirError(f"{run_dir} was made by ddpm import (from {state['imported_from']}): it holds weights to "
+                          "sample and evaluate, but no training state to resume")
 
 
 def _check_shares(config: Config, world: distributed.World) -> None:
