@@ -200,8 +200,9 @@ def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
     model, info = load_mnist_classifier(data_dir=e.data_dir, progress=o.progress)
     test = load_dataset("mnist", split="test", data_dir=e.data_dir)
     bar = (lambda what: f"FID-MNIST features ({what})") if o.progress else (lambda what: None)
-    reference = feature_statistics(mnist_features(model, test.data, progress=bar("test digits")))
-    samples = feature_statistics(mnist_features(model, e.samples, progress=bar("samples")))
+    test_features = mnist_features(model, test.data, progress=bar("test digits"))
+    sample_features = mnist_features(model, e.samples, progress=bar("samples"))
+    reference, samples = feature_statistics(test_features), feature_statistics(sample_features)
     # The floor: the same statistic for as many real training digits as there are samples.
     real = load_dataset("mnist", split="train", n=len(e.samples), seed=o.seed, data_dir=e.data_dir)
     floor = frechet_distance(feature_statistics(mnist_features(model, real.data, progress=bar("training digits"))),
@@ -210,7 +211,7 @@ def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
     return {
         "fid": frechet_distance(samples, reference),
         "fid_of_real_digits": floor,
-        **(_per_class(e, model, test) if e.run.conditional else {}),
+        **(_per_class(e, model, sample_features, test_features, test.labels) if e.run.conditional else {}),
         "confident_fraction": float(view.confident_fraction),
         "mean_max_prob": float(view.mean_max_prob),
         "class_histogram": [round(float(c), 4) for c in view.class_histogram],
@@ -221,10 +222,12 @@ def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
     }
 
 
-def _per_class(e: _Evaluation, model: torch.nn.Module, test: Dataset) -> dict[str, Any]:
+def _per_class(e: _Evaluation, model: torch.nn.Module, sample_features: Tensor, test_features: Tensor,
+               test_labels: Tensor) -> dict[str, Any]:
     """A conditional MNIST run: the share of samples the classifier assigns to the class they were drawn
-    for, and FID-MNIST of each class's samples against that digit's test images."""
-    from ddpm.evaluation.classifier import classifier_accuracy, mnist_features
+    for, and FID-MNIST of each class's samples against that digit's test images (from the features
+    _fid_mnist computed for all of them)."""
+    from ddpm.evaluation.classifier import classifier_accuracy
 
     if tuple(e.run.classes) != MNIST_CLASSES:
         raise ValueError(f"the run's classes {', '.join(e.run.classes)} are not MNIST's digits 0..9")
@@ -232,12 +235,12 @@ def _per_class(e: _Evaluation, model: torch.nn.Module, test: Dataset) -> dict[st
     accuracy = classifier_accuracy(model, e.samples, asked)
     fids = []
     for digit in range(len(MNIST_CLASSES)):
-        mine = e.samples[asked == digit]
+        mine = sample_features[asked == digit]
         if len(mine) < 2:
             fids.append(float("nan"))
             continue
-        fids.append(frechet_distance(feature_statistics(mnist_features(model, mine)),
-                                     feature_statistics(mnist_features(model, test.data[test.labels == digit]))))
+        fids.append(frechet_distance(feature_statistics(mine),
+                                     feature_statistics(test_features[test_labels == digit])))
     return {"class_accuracy": accuracy, "fid_per_class": [round(f, 3) for f in fids],
             "fid_per_class_mean": sum(fids) / len(fids)}
 
