@@ -37,7 +37,7 @@ from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
 from ddpm.guidance import guided
 from ddpm.metrics_log import Metrics, NoMetrics
-from ddpm.models import unwrap_model, use_channels_last
+from ddpm.models import use_channels_last
 from ddpm.rundir import (
     RunDirError, RunLock, check_nothing_was_lost, check_resume_config, data_paths, prepare_run_dir, run_metadata,
     start_run_dir,
@@ -195,6 +195,7 @@ class _Setup(NamedTuple):
     dataset: Dataset
     heldout: Dataset | None
     data: Tensor  # dataset.data on the training device
+    classes: tuple[str, ...] | None  # a conditional run's class names; None: unconditional
     labels: Tensor | None  # a conditional run's dataset.labels on the training device
     schedule: NoiseSchedule
     model: nn.Module
@@ -269,7 +270,7 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     elif world.is_main and saved["config"] != metadata["config"]:
         ckpt.write_json(run_dir / "config.json", metadata)  # a changed --steps and the like hold for later resumes
     labels = dataset.labels.to(device) if classes else None
-    return _Setup(config, dataset, heldout, dataset.data.to(device), labels, schedule.to(device), model,
+    return _Setup(config, dataset, heldout, dataset.data.to(device), classes, labels, schedule.to(device), model,
                   ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
 
 
@@ -320,7 +321,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     values["lr"] = run.optimizer.param_groups[0]["lr"]
                     if t_cfg.eval_every and run.heldout is not None and due(t_cfg.eval_every):
                         values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout.data, config,
-                                                     labels=run.heldout.labels if run.labels is not None else None,
+                                                     labels=run.heldout.labels if run.classes else None,
                                                      progress=progress))
                         run.model.train()
                     metrics.log(step, values)
@@ -336,7 +337,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     if world.is_main:
                         save_samples(run.ema_model, run.schedule, config, run.dataset,
                                      run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png", progress=progress,
-                                     conditional=run.labels is not None)
+                                     conditional=run.classes is not None)
                 stop_signal = world.agree_signal(stop.received)  # every process stops at the same step
                 if stop_signal is not None:
                     if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
@@ -360,9 +361,8 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     train.grad_accum micro-batches, then the EMA update. Returns the slice's per-example losses
     (detached), its timesteps, and the gradient norm before clipping (None without train.grad_clip)."""
     config, t_cfg = run.config, run.config.train
-    num_classes = unwrap_model(run.model).config.num_classes
     batch = draw_batch(run.data, run.order, run.noise_generator, run.schedule, t_cfg.batch_size, config.data.hflip,
-                       run.labels, num_classes, t_cfg.label_dropout)
+                       run.labels, len(run.classes or ()), t_cfg.label_dropout)
     batch = batch.part(world.share(t_cfg.batch_size))  # every process drew the global batch; it trains on its slice
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = learning_rate(config, step)
@@ -498,7 +498,7 @@ def sample_quality(run: _Setup, config: Config, step: int, progress: bool = Fals
     from ddpm.evaluation import EvalOptions, evaluate_run
 
     view = Run(config, run.model, run.ema_model, run.schedule, run.dataset.kind, run.dataset.sample_shape, step,
-               None, run.dataset.classes if run.labels is not None else None)
+               None, run.classes)
     metric = eval_metric_of(view)
     options = EvalOptions(num=config.train.eval_metric_num, sample=view.sample_options(), seed=config.train.seed,
                           data_dir=config.data.data_dir, progress=progress)
