@@ -371,8 +371,9 @@ def import_diffusers(path: str | Path, out: str | Path, *, data: str | None = No
     holds the imported weights as both the raw and the EMA weights). data, data_dir: the dataset the
     model was trained on, for ``ddpm eval`` (e.g. "cifar10"); default: none named."""
     from ddpm import checkpoint as ckpt
-    from ddpm.config import DEFAULT_PRESET, config_from_dict, config_to_dict
-    from ddpm.models import model_config_dict, model_from_config
+    from ddpm.config import DEFAULT_PRESET, config_from_dict
+    from ddpm.models import model_from_config
+    from ddpm.rundir import run_metadata
 
     path, out = Path(path), Path(out)
     _refuse_occupied(out)
@@ -389,7 +390,6 @@ def import_diffusers(path: str | Path, out: str | Path, *, data: str | None = No
     if missing or unexpected:
         raise InteropError(f"{folder.unet_dir / WEIGHTS}: " + (f"lacks {missing[0]!r} ({len(missing)} missing)"
                                                                if missing else f"has no place for {unexpected[0]!r}"))
-    shape = [config.in_channels, config.image_size, config.image_size]
     run_config = config_from_dict({
         "preset": DEFAULT_PRESET,
         "model": {"preset": "unet", "conditional": bool(config.num_classes)},
@@ -397,10 +397,9 @@ def import_diffusers(path: str | Path, out: str | Path, *, data: str | None = No
         "data": {"source": data or f"imported from {path}", "data_dir": data_dir, "image_size": config.image_size,
                  "channels": config.in_channels if config.in_channels in (1, 3) else None},
         "sample": schedule.sample}, where=str(path))
-    classes = {"classes": [str(i) for i in range(config.num_classes)]} if config.num_classes else {}
-    metadata = {"format": ckpt.RUN_FORMAT, "format_version": ckpt.FORMAT_VERSION,
-                "config": config_to_dict(run_config), "model": model_config_dict(network),
-                "data": {"kind": "image", "sample_shape": shape, "name": f"imported from {path}", **classes}}
+    shape = (config.in_channels, config.image_size, config.image_size)
+    classes = tuple(str(i) for i in range(config.num_classes)) or None
+    metadata = run_metadata(run_config, network, "image", shape, f"imported from {path}", classes)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out / "config.json", metadata)
     ckpt.save_checkpoint(out, 0, model=network, ema_model=network, tensors={},

@@ -24,7 +24,7 @@ from torch import nn
 
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, config_from_dict, config_to_dict, resumable_fields
-from ddpm.data import DATASETS, Dataset
+from ddpm.data import DATASETS
 from ddpm.metrics_log import line_step
 from ddpm.models import model_config_dict
 
@@ -254,11 +254,11 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def run_metadata(config: Config, model: nn.Module, dataset: Dataset,
+def run_metadata(config: Config, model: nn.Module, kind: str, sample_shape: tuple[int, ...], name: str,
                  classes: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """What config.json holds: the config and what was resolved from it (architecture, data shape, and
-    the class names of a conditional run, label i being classes[i])."""
-    data = {"kind": dataset.kind, "sample_shape": list(dataset.sample_shape), "name": dataset.name}
+    """What config.json holds: the config and what was resolved from it (architecture; the data's kind,
+    sample shape and name; the class names of a conditional run, label i being classes[i])."""
+    data = {"kind": kind, "sample_shape": list(sample_shape), "name": name}
     return {"format": ckpt.RUN_FORMAT, "format_version": ckpt.FORMAT_VERSION, "config": config_to_dict(config),
             "model": model_config_dict(model), "data": data | ({"classes": list(classes)} if classes else {})}
 

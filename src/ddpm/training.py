@@ -251,7 +251,7 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     order = DataOrder(len(dataset), t_cfg.seed)
     noise_generator = torch.Generator(device).manual_seed(t_cfg.seed + 1)
     torch.manual_seed(t_cfg.seed + 2)  # dropout
-    metadata = run_metadata(config, model, dataset, classes)
+    metadata = run_metadata(config, model, dataset.kind, dataset.sample_shape, dataset.name, classes)
     step = 0
     if checkpoint is not None:
         step = ckpt.restore_training_state(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
