@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ddpm import checkpoint as ckpt
 from ddpm.models.unet import UNetConfig
 
 __all__ = ["InteropError", "DiffusersFolder", "read_diffusers", "unet_config_from_diffusers", "weights_from_diffusers",
@@ -370,7 +371,6 @@ def import_diffusers(path: str | Path, out: str | Path, *, data: str | None = No
     """Write the diffusers folder at ``path`` as a ddpm run directory ``out`` (its only checkpoint, step 0,
     holds the imported weights as both the raw and the EMA weights). data, data_dir: the dataset the
     model was trained on, for ``ddpm eval`` (e.g. "cifar10"); default: none named."""
-    from ddpm import checkpoint as ckpt
     from ddpm.config import DEFAULT_PRESET, config_from_dict
     from ddpm.models import model_from_config
     from ddpm.rundir import run_metadata
@@ -422,23 +422,17 @@ def export_diffusers(run: Any, out: str | Path, *, ema: bool = True) -> Path:
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "scheduler").mkdir(exist_ok=True)
     version = {"_diffusers_version": DIFFUSERS_VERSION}
-    _write_json(out / "model_index.json", {"_class_name": "DDPMPipeline", **version,
-                                           "scheduler": ["diffusers", "DDPMScheduler"],
-                                           "unet": ["diffusers", "UNet2DModel"]})
+    ckpt.write_json(out / "model_index.json", {"_class_name": "DDPMPipeline", **version,
+                                               "scheduler": ["diffusers", "DDPMScheduler"],
+                                               "unet": ["diffusers", "UNet2DModel"]})
     config = diffusers_unet_config(network.config)
-    _write_json(out / "unet" / "config.json", {"_class_name": config.pop("_class_name"), **version, **config})
+    ckpt.write_json(out / "unet" / "config.json", {"_class_name": config.pop("_class_name"), **version, **config})
     save_diffusers_weights(weights_to_diffusers(network.state_dict(), network.config), out / "unet")
-    _write_json(out / "scheduler" / "scheduler_config.json",
-                {"_class_name": scheduler.pop("_class_name"), **version, **scheduler})
+    ckpt.write_json(out / "scheduler" / "scheduler_config.json",
+                    {"_class_name": scheduler.pop("_class_name"), **version, **scheduler})
     return out
 
 
 def _refuse_occupied(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InteropError(f"--out {out} exists and is not an empty folder; choose another (nothing was written)")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from ddpm import checkpoint as ckpt
-
-    ckpt.write_json(path, data)
