@@ -497,3 +497,15 @@ def test_damaged_class_names_in_config_json_are_one_line(shapes_run, tmp_path, c
     code, out, err = _cli(capsys, "sample", str(run), "--class", "0", "--quiet")
     assert code == 2 and err.count("\n") == 1, err
     assert "key 'data.classes' should be the 2 distinct class names of 'model.num_classes'" in err
+
+
+def test_sampling_a_conditional_run_without_a_class_calls_the_network_once_per_step(labelled_points, tmp_path):
+    run = ddpm.load(train(_points_config(labelled_points, 2), tmp_path / "run", progress=False).run_dir)
+    batches = []
+    forward = run.ema_model.forward
+    run.ema_model.forward = lambda x, t, labels=None: batches.append(x.shape[0]) or forward(x, t, labels)
+    run.sample(5, sampler="ddim", steps=4)  # the run's guidance is 1.5, but there is no class to guide towards
+    assert batches == [5] * 4
+    batches.clear()
+    run.sample(5, labels="top", sampler="ddim", steps=4)
+    assert batches == [10] * 4  # both halves, in one call

@@ -87,6 +87,8 @@ class Run:
         if self.conditional:
             wanted = (class_labels(labels, self.classes, n) if labels is not None
                       else torch.full((n,), len(self.classes), dtype=torch.long))  # "no class": unconditional
+            # With no class asked, both halves of guidance would be the "no class" network: call it once.
+            weight = options.guidance if labels is not None else 0.0
         batch_size = n if batch_size is None else whole_number("batch_size", batch_size)
         if generator is None:
             generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
@@ -104,7 +106,7 @@ class Run:
             parts = []
             for start in batches:
                 count = min(batch_size, n - start)
-                net = (guided(model, wanted[start:start + count], options.guidance, len(self.classes))
+                net = (guided(model, wanted[start:start + count], weight, len(self.classes))
                        if self.conditional else model)
                 parts.append(sample_with(net, self.schedule, (count, *self.sample_shape), options,
                                          prediction=self.config.diffusion.prediction, generator=generator,
