@@ -27,7 +27,7 @@ import ddpm
 from ddpm.evaluation import EvalOptions, evaluate_run
 from ddpm.config import SampleConfig
 from ddpm.guidance import guided
-from ddpm.sampling import SAMPLERS, network_calls, sample_with, walk_timesteps
+from ddpm.sampling import network_calls, sample_with, walk_budget, walk_grid, walk_timesteps
 from ddpm.visualize import save_labelled_rows
 
 
@@ -87,8 +87,7 @@ def main() -> None:
     done = {row["guidance"] for row in table["rows"]}
     wanted = [float(w) for w in args.guidance.split(",")] + ([None] if args.unconditional else [])
     walk = run.sample_options(sampler=args.sampler, steps=args.steps)  # the same walk for every row
-    walk = walk.replace(steps=walk.steps or SAMPLERS[walk.sampler].calls or run.schedule.num_steps,
-                        spacing=walk.spacing or SAMPLERS[walk.sampler].grid)
+    walk = walk.replace(steps=walk_budget(run.schedule, walk), spacing=walk_grid(walk))
     for guidance in wanted:
         if guidance in done:
             continue

@@ -396,12 +396,17 @@ def walk_grid(options: SampleConfig) -> str:
     return options.spacing or SAMPLERS[options.sampler].grid
 
 
+def walk_budget(schedule: NoiseSchedule, options: SampleConfig) -> int:
+    """The network calls a walk with ``options`` may make: ``options.steps``, else the sampler's own
+    default (T for ddpm and ddim), at most T."""
+    return options.steps or min(SAMPLERS[options.sampler].calls or schedule.num_steps, schedule.num_steps)
+
+
 def walk_timesteps(schedule: NoiseSchedule, options: SampleConfig) -> list[int]:
-    """The timesteps a walk with ``options`` visits: as many levels as ``options.steps`` network calls
-    allow (None: the sampler's own default, T for ddpm and ddim), on ``walk_grid(options)``."""
+    """The timesteps a walk with ``options`` visits: as many levels as ``walk_budget`` network calls
+    allow, on ``walk_grid(options)``."""
     entry = SAMPLERS[options.sampler]
-    calls = options.steps or min(entry.calls or schedule.num_steps, schedule.num_steps)
-    return timestep_sequence(schedule, entry.levels(calls), walk_grid(options))
+    return timestep_sequence(schedule, entry.levels(walk_budget(schedule, options)), walk_grid(options))
 
 
 def network_calls(options: SampleConfig, timesteps: list[int]) -> int:
