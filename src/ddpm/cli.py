@@ -114,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
                 for name in values}
     if "preset" in given or "preset" in file_layer:
         changed.add("preset")
+    if {"train.steps", "train.time_budget"} <= changed:
+        raise UsageError("--steps and --time-budget both set how long to train; give one")
     config = build_config(preset, {k: v for k, v in file_layer.items() if k != "preset"}, flags)
     out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
     try:

@@ -20,7 +20,7 @@ from ddpm.validation import check_choice
 Model = Callable[[Tensor, Tensor], Tensor]
 Prediction = Literal["eps", "x0", "v"]
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
-Weighting = Literal["min_snr"]
+Weighting = Literal["min_snr", "edm"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 Variance = Literal["fixed_small", "fixed_large"]
 VARIANCES: tuple[str, ...] = get_args(Variance)
@@ -173,11 +173,32 @@ def dynamic_threshold(x0: Tensor, quantile: float) -> Tensor:
 # --- training objective (Algorithm 1) ------------------------------------------------------------
 
 def sample_timesteps(schedule: NoiseSchedule, batch_size: int, *, device: torch.device | str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, weighting: Weighting | None = None) -> Tensor:
     """t ~ Uniform{0, ..., T-1} (Algorithm 1, line 3), shape (B,). Every trained t is one the sampler
-    visits: none is left out (drawing from 1..T-1 would never train t = 0 yet sample it)."""
+    visits: none is left out (drawing from 1..T-1 would never train t = 0 yet sample it). With
+    weighting "edm", t is drawn from ``timestep_density`` instead (every t keeps some mass)."""
     device = schedule.device if device is None else device
+    if weighting == "edm":
+        density = timestep_density(schedule, weighting).to(device)
+        return torch.multinomial(density, batch_size, replacement=True, generator=generator)
     return torch.randint(0, schedule.num_steps, (batch_size,), generator=generator, device=device)
+
+
+# EDM (Karras et al. 2022, Table 1, "Training"): ln sigma ~ N(P_mean, P_std^2) and the denoising error
+# weighted by lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, for data of std sigma_data.
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
+
+
+def timestep_density(schedule: NoiseSchedule, weighting: Weighting | None) -> Tensor:
+    """The probabilities (T,) with which training draws each t: uniform, or for "edm" the mass EDM's
+    log-normal density of sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) gives the stretch of ln sigma
+    around t (the density at ln sigma_t times the step in ln sigma), normalised."""
+    if weighting != "edm":
+        return torch.full((schedule.num_steps,), 1.0 / schedule.num_steps, device=schedule.device)
+    log_sigma = 0.5 * torch.log(1.0 / schedule.alphas_cumprod_float64() - 1.0)
+    width = torch.gradient(log_sigma)[0] if len(log_sigma) > 1 else torch.ones_like(log_sigma)
+    mass = torch.exp(-0.5 * ((log_sigma - EDM_P_MEAN) / EDM_P_STD) ** 2) * width.abs()
+    return (mass / mass.sum()).float().to(schedule.device)
 
 
 def training_target(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor,
@@ -197,19 +218,36 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, prediction: Prediction,
                  weighting: Weighting | None, gamma: float = 5.0) -> Tensor | None:
     """Per-example loss weights (B,), or None for the paper's unweighted ("simple") loss.
 
-    "min_snr" is Min-SNR-gamma (Hang et al. 2023): weight the x0-space error by min(SNR_t, gamma),
-    which in the eps parameterisation is min(SNR, gamma) / SNR and for v is min(SNR, gamma) / (SNR + 1).
+    Both weightings are a weight w(t) of the x0-space error ||x0_hat - x0||^2, turned into one of the
+    network's error: x0_hat - x0 is sigma_t (eps - eps_hat) for eps and sqrt(1 - alpha_bar_t)
+    (v - v_hat) for v, so w becomes w / SNR for eps and w / (SNR + 1) for v.
+    "min_snr" is Min-SNR-gamma (Hang et al. 2023): w = min(SNR_t, gamma).
+    "edm" is EDM's lambda(sigma_t) (Karras et al. 2022), divided by its mean under
+    ``timestep_density`` so that the loss keeps the simple loss's scale; training then draws t from
+    that density too.
     """
     if weighting is None:
         return None
     check_choice("weighting", weighting, WEIGHTINGS)
     snr = schedule.snr.gather(0, t)
-    clipped = snr.clamp(max=gamma)
+    if weighting == "min_snr":
+        x0_weight = snr.clamp(max=gamma)
+    else:
+        x0_weight = _edm_weights(schedule).gather(0, t)
     if prediction == "eps":
-        return clipped / snr
+        return x0_weight / snr
     if prediction == "v":
-        return clipped / (snr + 1.0)
-    return clipped
+        return x0_weight / (snr + 1.0)
+    return x0_weight
+
+
+def _edm_weights(schedule: NoiseSchedule) -> Tensor:
+    """EDM's lambda(sigma_t) for every t (T,), scaled so that its eps-space weight averages 1 under
+    ``timestep_density``: lambda sigma^2 = 1 + sigma^2 / sigma_data^2 in eps space."""
+    sigma2 = 1.0 / schedule.alphas_cumprod_float64() - 1.0
+    lam = (sigma2 + EDM_SIGMA_DATA ** 2) / (sigma2 * EDM_SIGMA_DATA ** 2)
+    density = timestep_density(schedule, "edm").double().to(lam.device)
+    return (lam / (density * lam * sigma2).sum()).float().to(schedule.device)
 
 
 def training_loss(

@@ -15,7 +15,9 @@ and N processes take the same steps as one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import math
 import signal
 import sys
 import time
@@ -31,8 +33,8 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint as ckpt
 from ddpm import distributed
 from ddpm.build import build_model_for, build_schedule, load_training_data, resolve_device, wants_channels_last
-from ddpm.config import Config, config_from_dict
-from ddpm.validation import SettingError
+from ddpm.config import Config, config_from_dict, config_to_dict
+from ddpm.validation import SettingError, duration_seconds
 from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
 from ddpm.diffusion import per_example_loss, sample_timesteps, training_loss
 from ddpm.guidance import guided
@@ -109,9 +111,16 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
 # --- one step -------------------------------------------------------------------------------------
 
 def learning_rate(config: Config, step: int) -> float:
-    """Linear warm-up from 0 to lr over ``warmup`` steps, then constant (as the paper)."""
-    warmup = config.train.warmup
-    return config.train.lr * min(1.0, (step + 1) / warmup) if warmup else config.train.lr
+    """The learning rate of step ``step`` (0-based): a linear warm-up from 0 to lr over ``warmup`` steps,
+    then lr (as the paper), or lr decayed along a half cosine or a line to 0, which it reaches just
+    after the last step."""
+    t_cfg = config.train
+    if step < t_cfg.warmup:
+        return t_cfg.lr * (step + 1) / t_cfg.warmup
+    if t_cfg.lr_decay == "constant":
+        return t_cfg.lr
+    left = 1.0 - min((step - t_cfg.warmup) / max(t_cfg.steps - t_cfg.warmup, 1), 1.0)
+    return t_cfg.lr * (left if t_cfg.lr_decay == "linear" else 0.5 * (1.0 - math.cos(math.pi * left)))
 
 
 def ema_decay(config: Config, updates: int) -> float:
@@ -142,8 +151,9 @@ class Batch(NamedTuple):
 
 def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator, schedule: NoiseSchedule,
                batch_size: int, hflip: bool, labels: Tensor | None = None, num_classes: int = 0,
-               label_dropout: float = 0.0) -> Batch:
-    """The global batch: examples x0, timesteps t ~ U{0..T-1} (Algorithm 1, line 3) and noise eps; with
+               label_dropout: float = 0.0, weighting: str | None = None) -> Batch:
+    """The global batch: examples x0, timesteps t ~ U{0..T-1} (Algorithm 1, line 3; EDM's density for
+    weighting "edm", see diffusion.sample_timesteps) and noise eps; with
     ``labels`` (N,), those of the examples, each replaced by "no class" (index num_classes) with
     probability label_dropout. The drops are drawn after the noise, so an unconditional run draws
     exactly what it drew before conditional runs existed."""
@@ -152,7 +162,7 @@ def draw_batch(data: Tensor, order: DataOrder, noise_generator: torch.Generator,
     if hflip:
         x0 = random_hflip(x0, order.generator)
     device = noise_generator.device
-    t = sample_timesteps(schedule, batch_size, device=device, generator=noise_generator)
+    t = sample_timesteps(schedule, batch_size, device=device, generator=noise_generator, weighting=weighting)
     noise = torch.randn(x0.shape, generator=noise_generator, device=device)
     y = None
     if labels is not None:
@@ -205,6 +215,7 @@ class _Setup(NamedTuple):
     noise_generator: torch.Generator
     metadata: dict[str, Any]  # config.json
     step: int  # steps already taken
+    budget: float | None  # --time-budget in seconds while train.steps is still to be fixed from it; else None
     checkpoint: Path | None  # the one restored
     notes: list[str]  # for the user, once everything is set up
 
@@ -252,6 +263,13 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     noise_generator = torch.Generator(device).manual_seed(t_cfg.seed + 1)
     torch.manual_seed(t_cfg.seed + 2)  # dropout
     metadata = run_metadata(config, model, dataset.kind, dataset.sample_shape, dataset.name, classes)
+    planned = saved.get("time_budget") if resuming else None  # the step count a --time-budget fixed
+    if planned is not None:
+        metadata["time_budget"] = planned
+    budget = duration_seconds("time_budget", t_cfg.time_budget) if t_cfg.time_budget and not planned else None
+    if budget is not None:  # train.steps is provisional until the step time is measured
+        config = dataclasses.replace(config, train=dataclasses.replace(t_cfg, steps=max(t_cfg.steps, BUDGET_PROBE[1])))
+        t_cfg = config.train
     step = 0
     if checkpoint is not None:
         step = ckpt.restore_training_state(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
@@ -271,7 +289,7 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
         ckpt.write_json(run_dir / "config.json", metadata)  # a changed --steps and the like hold for later resumes
     labels = dataset.labels.to(device) if classes else None
     return _Setup(config, dataset, heldout, dataset.data.to(device), classes, labels, schedule.to(device), model,
-                  ema_model, optimizer, order, noise_generator, metadata, step, checkpoint, notes)
+                  ema_model, optimizer, order, noise_generator, metadata, step, budget, checkpoint, notes)
 
 
 def _train(config: Config, run_dir: Path, world: distributed.World, device: torch.device, *, resume: bool,
@@ -287,6 +305,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
     train_model = torch.compile(shared_model) if t_cfg.compile else shared_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
     window = _Window(device)
+    plan = _BudgetPlan(run.budget, step, t_cfg.warmup, device) if run.budget is not None else None
     bar = tqdm(total=t_cfg.steps, initial=step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
 
@@ -312,6 +331,12 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                 # before anything is logged, sampled or saved.
                 window.add(step, losses, t, run.schedule.num_steps, grad_norm, t_cfg.batch_size, world)
                 bar.update(1)
+                if plan is not None and (fixed := plan.steps_after(step, world)) is not None:
+                    run, plan = _fix_steps(run, run_dir, fixed, world), None
+                    config, t_cfg = run.config, run.config.train
+                    bar.total = t_cfg.steps
+                    log(f"time budget {t_cfg.time_budget}: {fixed['seconds_per_step']:.3f} s a step; training for "
+                        f"{t_cfg.steps} steps (saved in config.json)")
 
                 if due(t_cfg.log_every):
                     window.raise_if_non_finite(last_checkpoint)
@@ -362,7 +387,7 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     (detached), its timesteps, and the gradient norm before clipping (None without train.grad_clip)."""
     config, t_cfg = run.config, run.config.train
     batch = draw_batch(run.data, run.order, run.noise_generator, run.schedule, t_cfg.batch_size, config.data.hflip,
-                       run.labels, len(run.classes or ()), t_cfg.label_dropout)
+                       run.labels, len(run.classes or ()), t_cfg.label_dropout, loss_weighting(config))
     batch = batch.part(world.share(t_cfg.batch_size))  # every process drew the global batch; it trains on its slice
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = learning_rate(config, step)
@@ -383,6 +408,56 @@ def _step(run: _Setup, step: int, shared_model: nn.Module, train_model: nn.Modul
     run.optimizer.zero_grad(set_to_none=True)
     update_ema(run.ema_model, run.model, ema_decay(config, step))
     return torch.cat(per_example), batch.t, grad_norm
+
+
+BUDGET_PROBE = (10, 40)  # --time-budget: the step time is measured from step 10 (the first are slower), to 40 at least
+
+
+class _BudgetPlan:
+    """--time-budget: the step time measured from step 10 of the invocation to the end of the
+    learning-rate warm-up (step 40 at least; sooner once a tenth of the budget has passed), and from it
+    the step count that fills the budget, counted from the invocation's start. During the warm-up the
+    learning rate does not depend on the step count, so fixing it then changes no step already taken;
+    a longer measurement is steadier against a machine whose speed varies."""
+
+    def __init__(self, seconds: float, first_step: int, warmup: int, device: torch.device):
+        self.seconds, self.device = seconds, device
+        self.first, self.end = first_step + BUDGET_PROBE[0], max(first_step + BUDGET_PROBE[1], warmup)
+        self.started = self.probe_started = time.perf_counter()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the steps queued so far have run
+        return time.perf_counter()
+
+    def steps_after(self, step: int, world: distributed.World) -> dict[str, Any] | None:
+        """After step ``step``: the plan (train.steps and how it was found) once the measurement is over,
+        the same on every process; else None."""
+        if step == self.first:
+            self.probe_started = self._now()
+        if step < self.first + BUDGET_PROBE[1] - BUDGET_PROBE[0]:
+            return None
+        now = self._now()
+        over = torch.tensor([now - self.started >= self.seconds / 10 or step >= self.end], dtype=torch.float64,
+                            device=self.device)
+        if not world.sum_(over).item():  # every process decides as rank 0 would: when any is over
+            return None
+        measured = torch.tensor([(now - self.probe_started) / (step - self.first), now - self.started],
+                                dtype=torch.float64, device=self.device)
+        per_step, elapsed = (world.sum_(measured) / world.size).tolist()  # the processes' mean
+        steps = step + max(0, math.floor((self.seconds - elapsed) / per_step))
+        return {"seconds": self.seconds, "seconds_per_step": per_step, "measured_over_steps": [self.first, step],
+                "steps": steps}
+
+
+def _fix_steps(run: _Setup, run_dir: Path, plan: dict[str, Any], world: distributed.World) -> _Setup:
+    """``run`` with train.steps fixed by a --time-budget ``plan``, written to config.json (and so into every
+    later checkpoint), so that a resumed run trains the same steps without measuring again."""
+    config = dataclasses.replace(run.config, train=dataclasses.replace(run.config.train, steps=plan["steps"]))
+    metadata = {**run.metadata, "config": config_to_dict(config), "time_budget": plan}
+    if world.is_main:
+        ckpt.write_json(run_dir / "config.json", metadata)
+    return run._replace(config=config, metadata=metadata, budget=None)
 
 
 def _refuse_imported(run_dir: Path, checkpoint: Path) -> None:
@@ -470,7 +545,8 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
     held-out labels, which the loss is conditioned on (never dropped)."""
     generator = torch.Generator().manual_seed(config.train.seed + 3)
     x0 = heldout.to(schedule.device)
-    t = sample_timesteps(schedule, x0.shape[0], device="cpu", generator=generator).to(schedule.device)
+    t = sample_timesteps(schedule, x0.shape[0], device="cpu", generator=generator,
+                         weighting=loss_weighting(config)).to(schedule.device)
     noise = torch.randn(x0.shape, generator=generator).to(schedule.device)
     model.eval()
     out = {}

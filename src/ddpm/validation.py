@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 import types
 import typing
 from typing import Any, Literal
 
 __all__ = [
     "SettingError", "check_value", "check_fields", "check_range", "require_positive", "whole_number", "check_choice",
-    "check_seed", "SEED_LIMIT", "describe_type", "choices_of", "options_of",
+    "check_seed", "SEED_LIMIT", "describe_type", "choices_of", "options_of", "duration_seconds",
 ]
 
 # torch's generators take 64-bit seeds, and a run derives seeds + 1, + 2 (and the test split's) from its own.
@@ -190,6 +191,25 @@ def whole_number(name: str, value: Any, minimum: int = 1, maximum: int | None = 
     rule = (f"use an integer in {minimum}{upper}" if upper else f"use an integer >= {minimum}")
     problem = SettingError(name, value, rule + (" or None" if optional else ""))
     raise problem if error is None else error(str(problem))
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(name: str, text: str) -> float:
+    """A wall-clock duration written as "90s", "20m", "1.5h" or "1h30m" (a bare number is seconds), in
+    seconds; a SettingError naming ``name`` for anything else or for a duration that is not positive."""
+    spelled = str(text).strip().lower().replace(" ", "")
+    parts = re.fullmatch(r"((?:\d+(?:\.\d*)?|\.\d+)[smh])+", spelled)
+    if re.fullmatch(r"\d+(?:\.\d*)?", spelled):
+        seconds = float(spelled)
+    elif parts:
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in re.findall(r"([\d.]+)([smh])", spelled))
+    else:
+        raise SettingError(name, text, 'write a duration like "90s", "20m", "1.5h" or "1h30m"')
+    if not 0 < seconds < float("inf"):
+        raise SettingError(name, text, "the duration must be more than 0 seconds")
+    return seconds
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...] | typing.Iterable[str]) -> None:

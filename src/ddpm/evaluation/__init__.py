@@ -9,8 +9,8 @@
 The variational bound (bits/dim) is :func:`ddpm.diffusion.variational_bound`.
 """
 
-from ddpm.evaluation.evaluate import METRICS, EvalOptions, default_metrics, evaluate_run
+from ddpm.evaluation.evaluate import METRICS, EvalOptions, MnistScores, default_metrics, evaluate_run, score_mnist
 from ddpm.evaluation.metrics import FeatureStatistics, energy_distance, feature_statistics, frechet_distance
 
-__all__ = ["METRICS", "EvalOptions", "default_metrics", "evaluate_run", "FeatureStatistics", "energy_distance",
-           "feature_statistics", "frechet_distance"]
+__all__ = ["METRICS", "EvalOptions", "default_metrics", "evaluate_run", "score_mnist", "MnistScores",
+           "FeatureStatistics", "energy_distance", "feature_statistics", "frechet_distance"]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from ddpm.diffusion import variational_bound
 from ddpm.evaluation.metrics import energy_distance, feature_statistics, frechet_distance, square_error
 from ddpm.run import Run
 
-__all__ = ["METRICS", "EvalOptions", "default_metrics", "evaluate_run"]
+__all__ = ["METRICS", "EvalOptions", "default_metrics", "evaluate_run", "score_mnist", "MnistScores"]
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -193,33 +193,52 @@ def _bpd(e: _Evaluation) -> dict[str, Any]:
     } | ({"conditioned_on": "each example's true class"} if run.conditional else {})
 
 
-def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
+class MnistScores(NamedTuple):
+    """FID-MNIST and the classifier's view of some samples, with the features the numbers came from."""
+
+    report: dict[str, Any]  # fid, fid_of_real_digits, confident_fraction, mean_max_prob, class_histogram, ...
+    classifier: torch.nn.Module
+    sample_features: Tensor  # (N, 128)
+    test_features: Tensor  # (10000, 128), of the MNIST test digits
+    test_labels: Tensor  # (10000,)
+
+
+def score_mnist(samples: Tensor, *, data_dir: str | None = None, seed: int = 0, progress: bool = False) -> MnistScores:
+    """FID-MNIST of ``samples`` (N, 1, 28, 28) in [-1, 1] against the 10,000 MNIST test digits, its floor
+    (as many real training digits, drawn with ``seed``), and the share the classifier is sure of.
+    Samples from anywhere (another library's too) are scored the same way as `ddpm eval`'s."""
     from ddpm.evaluation.classifier import classifier_view, load_mnist_classifier, mnist_features
 
-    o = e.options
-    model, info = load_mnist_classifier(data_dir=e.data_dir, progress=o.progress)
-    test = load_dataset("mnist", split="test", data_dir=e.data_dir)
-    bar = (lambda what: f"FID-MNIST features ({what})") if o.progress else (lambda what: None)
+    model, info = load_mnist_classifier(data_dir=data_dir, progress=progress)
+    test = load_dataset("mnist", split="test", data_dir=data_dir)
+    bar = (lambda what: f"FID-MNIST features ({what})") if progress else (lambda what: None)
     test_features = mnist_features(model, test.data, progress=bar("test digits"))
-    sample_features = mnist_features(model, e.samples, progress=bar("samples"))
-    reference, samples = feature_statistics(test_features), feature_statistics(sample_features)
+    sample_features = mnist_features(model, samples, progress=bar("samples"))
+    reference = feature_statistics(test_features)
     # The floor: the same statistic for as many real training digits as there are samples.
-    real = load_dataset("mnist", split="train", n=len(e.samples), seed=o.seed, data_dir=e.data_dir)
+    real = load_dataset("mnist", split="train", n=len(samples), seed=seed, data_dir=data_dir)
     floor = frechet_distance(feature_statistics(mnist_features(model, real.data, progress=bar("training digits"))),
                              reference)
-    view = classifier_view(model, e.samples)
-    return {
-        "fid": frechet_distance(samples, reference),
+    view = classifier_view(model, samples)
+    report = {
+        "fid": frechet_distance(feature_statistics(sample_features), reference),
         "fid_of_real_digits": floor,
-        **(_per_class(e, model, sample_features, test_features, test.labels) if e.run.conditional else {}),
         "confident_fraction": float(view.confident_fraction),
         "mean_max_prob": float(view.mean_max_prob),
         "class_histogram": [round(float(c), 4) for c in view.class_histogram],
-        "samples": len(e.samples),
+        "samples": len(samples),
         "reference": f"{len(test)} MNIST test digits",
         "classifier_test_accuracy": float(info["test_accuracy"]),
-        "sampler": e.sampler_description(),
     }
+    return MnistScores(report, model, sample_features, test_features, test.labels)
+
+
+def _fid_mnist(e: _Evaluation) -> dict[str, Any]:
+    scores = score_mnist(e.samples, data_dir=e.data_dir, seed=e.options.seed, progress=e.options.progress)
+    report = dict(scores.report)
+    if e.run.conditional:
+        report |= _per_class(e, scores.classifier, scores.sample_features, scores.test_features, scores.test_labels)
+    return report | {"sampler": e.sampler_description()}
 
 
 def _per_class(e: _Evaluation, model: torch.nn.Module, sample_features: Tensor, test_features: Tensor,
