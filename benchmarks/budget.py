@@ -188,17 +188,16 @@ def ddpm_side(budget: str, args: argparse.Namespace, overrides: dict[str, dict[s
             "sample_seconds": sample_seconds, **_scores(scores)}
 
 
-def _walk(run: Any, options: Any) -> str:
-    from ddpm.sampling import network_calls, walk_timesteps
-
-    calls = network_calls(options, walk_timesteps(run.schedule, options))
-    return f"{options.sampler}, {calls} calls" + (f", {options.spacing} grid" if options.spacing else "")
-
-
 def _evaluations(run: Any, options: Any) -> int:
+    """Network evaluations a sample of ``run`` costs when drawn with ``options``."""
     from ddpm.sampling import network_calls, walk_timesteps
 
     return network_calls(options, walk_timesteps(run.schedule, options))
+
+
+def _walk(run: Any, options: Any) -> str:
+    return (f"{options.sampler}, {_evaluations(run, options)} calls" + (f", eta {options.eta:g}" if options.eta else "")
+            + (f", {options.spacing} grid" if options.spacing else ""))
 
 
 def _scores(report: dict[str, Any]) -> dict[str, Any]:
