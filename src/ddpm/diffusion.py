@@ -8,6 +8,7 @@ arguments; none of them owns either.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Literal, NamedTuple, get_args
 
 import torch
@@ -195,10 +196,27 @@ def timestep_density(schedule: NoiseSchedule, weighting: Weighting | None) -> Te
     around t (the density at ln sigma_t times the step in ln sigma), normalised."""
     if weighting != "edm":
         return torch.full((schedule.num_steps,), 1.0 / schedule.num_steps, device=schedule.device)
-    log_sigma = 0.5 * torch.log(1.0 / schedule.alphas_cumprod_float64() - 1.0)
-    width = torch.gradient(log_sigma)[0] if len(log_sigma) > 1 else torch.ones_like(log_sigma)
-    mass = torch.exp(-0.5 * ((log_sigma - EDM_P_MEAN) / EDM_P_STD) ** 2) * width.abs()
-    return (mass / mass.sum()).float().to(schedule.device)
+    return _edm_tables(schedule)[0]
+
+
+# A training step asks for EDM's tables twice (its timesteps, its weights): they are made once per schedule,
+# in float64 on the CPU, and kept on the schedule's device.
+_EDM_TABLES: weakref.WeakKeyDictionary[NoiseSchedule, tuple[Tensor, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _edm_tables(schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
+    """EDM's timestep density (T,) and its lambda(sigma_t) (T,), scaled so that its eps-space weight
+    lambda sigma^2 = 1 + sigma^2 / sigma_data^2 averages 1 under the density."""
+    if schedule not in _EDM_TABLES:
+        sigma2 = 1.0 / schedule.alphas_cumprod_float64() - 1.0
+        log_sigma = 0.5 * torch.log(sigma2)
+        width = torch.gradient(log_sigma)[0] if len(log_sigma) > 1 else torch.ones_like(log_sigma)
+        mass = torch.exp(-0.5 * ((log_sigma - EDM_P_MEAN) / EDM_P_STD) ** 2) * width.abs()
+        density = mass / mass.sum()
+        lam = (sigma2 + EDM_SIGMA_DATA ** 2) / (sigma2 * EDM_SIGMA_DATA ** 2)
+        weights = lam / (density.float().double() * lam * sigma2).sum()
+        _EDM_TABLES[schedule] = (density.float().to(schedule.device), weights.float().to(schedule.device))
+    return _EDM_TABLES[schedule]
 
 
 def training_target(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor,
@@ -233,21 +251,12 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, prediction: Prediction,
     if weighting == "min_snr":
         x0_weight = snr.clamp(max=gamma)
     else:
-        x0_weight = _edm_weights(schedule).gather(0, t)
+        x0_weight = _edm_tables(schedule)[1].gather(0, t)
     if prediction == "eps":
         return x0_weight / snr
     if prediction == "v":
         return x0_weight / (snr + 1.0)
     return x0_weight
-
-
-def _edm_weights(schedule: NoiseSchedule) -> Tensor:
-    """EDM's lambda(sigma_t) for every t (T,), scaled so that its eps-space weight averages 1 under
-    ``timestep_density``: lambda sigma^2 = 1 + sigma^2 / sigma_data^2 in eps space."""
-    sigma2 = 1.0 / schedule.alphas_cumprod_float64() - 1.0
-    lam = (sigma2 + EDM_SIGMA_DATA ** 2) / (sigma2 * EDM_SIGMA_DATA ** 2)
-    density = timestep_density(schedule, "edm").double().to(lam.device)
-    return (lam / (density * lam * sigma2).sum()).float().to(schedule.device)
 
 
 def training_loss(
