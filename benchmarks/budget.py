@@ -206,9 +206,10 @@ def _scores(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = {section: dict(values) for section, values in base.items()}
-    for section, values in update.items():
-        out.setdefault(section, {}).update(values)
+    """``base`` with ``update``'s values put in, tables within tables merged the same way."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

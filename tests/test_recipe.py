@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import ddpm
+from ddpm import distributed, training
 from ddpm.config import build_config, config_to_dict
 from ddpm.diffusion import EDM_P_MEAN, EDM_P_STD, loss_weights, sample_timesteps, timestep_density
 from ddpm.schedule import NoiseSchedule
@@ -71,6 +73,31 @@ def test_time_budget_fixes_the_steps_records_them_and_resume_trains_the_same_ste
     assert resumed.step == plan["steps"]
     assert json.loads((rewound / "config.json").read_text())["time_budget"] == plan
     assert weights_bytes(rewound) == weights_bytes(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("warmup, end", [(1000, 80), (60, 60), (0, 40)])
+def test_time_budget_plan_ends_its_measurement_at_the_warm_up_or_a_tenth_of_the_budget(monkeypatch, warmup, end):
+    # A clock that moves 1/8 s a step, a 100 s budget: a tenth of it (10 s) has passed after step 80, so
+    # the measurement ends there, or at the end of a shorter warm-up (but not before step 40). Whatever
+    # its end, it measures 1/8 s a step and plans the step count that fills 100 s: 800.
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    plan = training._BudgetPlan(100.0, 0, warmup, torch.device("cpu"))
+    answers = {}
+    for step in range(1, 200):
+        clock[0] = step / 8
+        if (fixed := plan.steps_after(step, distributed.SINGLE)) is not None:
+            answers[step] = fixed
+    assert answers == {end: {"seconds": 100.0, "seconds_per_step": 0.125, "measured_over_steps": [10, end],
+                             "steps": 800}}
+
+
+def test_time_budget_outlasts_a_preset_step_count_shorter_than_its_measurement(tmp_path):
+    # The preset's 30 steps end before the warm-up (60 steps) that the measurement runs through: the
+    # budget, not the preset, sets how long the run trains.
+    result = train(_budget_config(steps=30, warmup=60), tmp_path / "run", progress=False, log=lambda message: None)
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())["time_budget"]
+    assert 40 <= plan["measured_over_steps"][1] <= 60 < plan["steps"] == result.step
 
 
 def test_time_budget_flag_errors_are_one_line(tmp_path):

@@ -538,6 +538,25 @@ def test_bf16_autocast_trains_and_tracks_fp32(tmp_path):
     assert losses["bf16"] != losses["fp32"], "bf16 autocast changed nothing: was it on?"
 
 
+@pytest.mark.parametrize("cpu_has_bf16", [True, False])
+def test_auto_precision_is_bf16_on_a_cpu_with_bf16_instructions_only(tmp_path, monkeypatch, cpu_has_bf16):
+    from ddpm import training
+    from ddpm.build import training_precision, wants_channels_last
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": cpu_has_bf16, "amx_bf16": False})
+    expected = "bf16" if cpu_has_bf16 else "fp32"
+    config = build_config("mnist", {"train": {"precision": "auto"}})
+    assert training_precision(config, torch.device("cpu")) == expected
+    assert training_precision(config, torch.device("cuda")) == "fp32"  # bf16 on a GPU is not measured here
+    assert wants_channels_last(config, torch.device("cpu")) == (not cpu_has_bf16)
+    # Training with auto is training with what it resolves to, loss for loss, and says which it chose.
+    losses, notes = {}, []
+    for precision in ("auto", expected):
+        config = _tiny_points_config(precision=precision, steps=30, log_every=30, lr=3e-3)
+        losses[precision] = training.train(config, tmp_path / precision, progress=False, log=notes.append).loss
+    assert losses["auto"] == losses[expected]
+    assert f"train.precision auto: {expected} here" in notes
+
+
 def test_resume_into_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -653,7 +672,7 @@ def test_fast_path_trains_the_weights_of_the_plain_path(tmp_path):
 def test_channels_last_is_the_default_except_bf16_on_a_cpu():
     from ddpm.build import wants_channels_last
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-    assert wants_channels_last(build_config("mnist"), cpu)
+    assert wants_channels_last(build_config("mnist", {"train": {"precision": "fp32"}}), cpu)
     assert not wants_channels_last(build_config("mnist", {"train": {"precision": "bf16"}}), cpu)
     assert wants_channels_last(build_config("mnist", {"train": {"precision": "bf16"}}), cuda)
     assert not wants_channels_last(build_config("mnist", {"train": {"channels_last": False}}), cuda)

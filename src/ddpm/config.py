@@ -129,7 +129,9 @@ class TrainConfig:
     label_dropout: float = _field(0.1, "conditional runs: the probability that a label is replaced by 'no class', "
                                        "so one network learns the unconditional noise too (for --guidance)",
                                   minimum=0.0, maximum=1.0)
-    precision: Literal["fp32", "bf16"] = _field("fp32", "bf16 runs the model under bf16 autocast")
+    precision: Literal["fp32", "bf16", "auto"] = _field(
+        "fp32", "bf16 runs the model under bf16 autocast; auto: bf16 on a CPU with bf16 instructions "
+                "(AVX512-BF16 or AMX), fp32 elsewhere")
     compile: bool = _field(False, "torch.compile the model", resumable=True)
     channels_last: bool = _field(True, "lay U-Nets out channels-last (faster; same up to rounding; not bf16 on CPU)",
                                  resumable=True)

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoint as ckpt
 from ddpm import distributed
-from ddpm.build import build_model_for, build_schedule, load_training_data, resolve_device, wants_channels_last
+from ddpm.build import (build_model_for, build_schedule, load_training_data, resolve_device, training_precision,
+                        wants_channels_last)
 from ddpm.config import Config, config_from_dict, config_to_dict
 from ddpm.validation import SettingError, duration_seconds
 from ddpm.data import DataOrder, Dataset, host_to_device, random_hflip
@@ -267,16 +268,19 @@ def _set_up(config: Config, run_dir: Path, world: distributed.World, device: tor
     if planned is not None:
         metadata["time_budget"] = planned
     budget = duration_seconds("time_budget", t_cfg.time_budget) if t_cfg.time_budget and not planned else None
-    if budget is not None:  # train.steps is provisional until the step time is measured
-        config = dataclasses.replace(config, train=dataclasses.replace(t_cfg, steps=max(t_cfg.steps, BUDGET_PROBE[1])))
-        t_cfg = config.train
     step = 0
     if checkpoint is not None:
         step = ckpt.restore_training_state(checkpoint, model, ema_model, optimizer, order, noise_generator, device)
         notes.append(f"resuming {run_dir} from {checkpoint.name}")
+    if budget is not None:  # train.steps is provisional until the step time is measured (_BudgetPlan)
+        probe_end = max(step + BUDGET_PROBE[1], t_cfg.warmup)
+        config = dataclasses.replace(config, train=dataclasses.replace(t_cfg, steps=max(t_cfg.steps, probe_end)))
+        t_cfg = config.train
     if step > t_cfg.steps:
         raise RunDirError(f"the run is already at step {step}, past train.steps = {t_cfg.steps}; "
                           f"give a larger --steps to train longer")
+    if t_cfg.precision == "auto":
+        notes.append(f"train.precision auto: {training_precision(config, device)} here")
     if world.active:
         notes.append(f"{world.size} processes, {t_cfg.batch_size // world.size} examples each per step "
                      f"(global batch {t_cfg.batch_size})")
@@ -303,7 +307,7 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
         log(note)
     shared_model = world.wrap(run.model, device)  # sums gradients over the processes in backward
     train_model = torch.compile(shared_model) if t_cfg.compile else shared_model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training_precision(config, device) == "bf16")
     window = _Window(device)
     plan = _BudgetPlan(run.budget, step, t_cfg.warmup, device) if run.budget is not None else None
     bar = tqdm(total=t_cfg.steps, initial=step, desc="training", unit="step", disable=not progress,
@@ -415,10 +419,12 @@ BUDGET_PROBE = (10, 40)  # --time-budget: the step time is measured from step 10
 
 class _BudgetPlan:
     """--time-budget: the step time measured from step 10 of the invocation to the end of the
-    learning-rate warm-up (step 40 at least; sooner once a tenth of the budget has passed), and from it
-    the step count that fills the budget, counted from the invocation's start. During the warm-up the
-    learning rate does not depend on the step count, so fixing it then changes no step already taken;
-    a longer measurement is steadier against a machine whose speed varies."""
+    learning-rate warm-up (step 40 at least; sooner where a tenth of the budget would pass first), and
+    from it the step count that fills the budget, counted from the invocation's start. During the
+    warm-up the learning rate does not depend on the step count, so fixing it then changes no step
+    already taken; a longer measurement is steadier against a machine whose speed varies. The clock is
+    read (and on a GPU, the queued work waited for) three times: at step 10, at step 40, where the end
+    of the measurement is chosen, and at that end."""
 
     def __init__(self, seconds: float, first_step: int, warmup: int, device: torch.device):
         self.seconds, self.device = seconds, device
@@ -430,21 +436,25 @@ class _BudgetPlan:
             torch.cuda.synchronize(self.device)  # the steps queued so far have run
         return time.perf_counter()
 
+    def _measured(self, step: int, world: distributed.World) -> list[float]:
+        """Seconds a step since step 10, and since the start: the processes' mean, the same on every process."""
+        now = self._now()
+        mine = torch.tensor([(now - self.probe_started) / (step - self.first), now - self.started],
+                            dtype=torch.float64, device=self.device)
+        return (world.sum_(mine) / world.size).tolist()
+
     def steps_after(self, step: int, world: distributed.World) -> dict[str, Any] | None:
         """After step ``step``: the plan (train.steps and how it was found) once the measurement is over,
         the same on every process; else None."""
         if step == self.first:
             self.probe_started = self._now()
-        if step < self.first + BUDGET_PROBE[1] - BUDGET_PROBE[0]:
+        elif step == self.first + BUDGET_PROBE[1] - BUDGET_PROBE[0]:  # where the measurement ends
+            per_step, elapsed = self._measured(step, world)
+            tenth = step + math.floor(max(0.0, self.seconds / 10 - elapsed) / per_step)
+            self.end = min(self.end, tenth)
+        if step != self.end:
             return None
-        now = self._now()
-        over = torch.tensor([now - self.started >= self.seconds / 10 or step >= self.end], dtype=torch.float64,
-                            device=self.device)
-        if not world.sum_(over).item():  # every process decides as rank 0 would: when any is over
-            return None
-        measured = torch.tensor([(now - self.probe_started) / (step - self.first), now - self.started],
-                                dtype=torch.float64, device=self.device)
-        per_step, elapsed = (world.sum_(measured) / world.size).tolist()  # the processes' mean
+        per_step, elapsed = self._measured(step, world)
         steps = step + max(0, math.floor((self.seconds - elapsed) / per_step))
         return {"seconds": self.seconds, "seconds_per_step": per_step, "measured_over_steps": [self.first, step],
                 "steps": steps}
