@@ -61,6 +61,12 @@ ROWS: dict[str, tuple[str | None, dict[str, dict[str, Any]], str]] = {
     "combined-no-attention": ("combined", {"model": {"overrides": {"attention_levels": []}}}, "no attention"),
     "combined-lr-3e-3": ("combined", {"train": {"lr": 3e-3}}, "lr 3e-3"),
     "bf16-no-attention": ("combined-bf16", {"model": {"overrides": {"attention_levels": []}}}, "no attention"),
+    # Changes from bf16 without attention (the mnist preset since these rows).
+    "fast-batch-128": ("bf16-no-attention", {"train": {"batch_size": 128}}, "batch 128 (half the steps)"),
+    "fast-ema-long": ("bf16-no-attention", {"train": {"ema_decay": 0.999, "ema_warmup": False}},
+                      "EMA 0.999 without warm-up"),
+    "fast-two-blocks": ("bf16-no-attention", {"model": {"overrides": {"num_res_blocks": 2}}},
+                        "two residual blocks a level"),
 }
 
 # Walks to draw one trained run with (`ddpm sample` options): at most 20 network calls, and DDIM-50.

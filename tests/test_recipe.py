@@ -83,13 +83,37 @@ def test_time_budget_plan_ends_its_measurement_at_the_warm_up_or_a_tenth_of_the_
     clock = [0.0]
     monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     plan = training._BudgetPlan(100.0, 0, warmup, torch.device("cpu"))
-    answers = {}
+    ends = {}
     for step in range(1, 200):
         clock[0] = step / 8
-        if (fixed := plan.steps_after(step, distributed.SINGLE)) is not None:
-            answers[step] = fixed
-    assert answers == {end: {"seconds": 100.0, "seconds_per_step": 0.125, "measured_over_steps": [10, end],
-                             "steps": 800}}
+        if (per_step := plan.steps_after(step, distributed.SINGLE)) is not None:
+            ends[step] = per_step
+    assert ends == {end: 0.125}
+    clock[0] = end / 8
+    assert plan.fix(end, 0.125, {}, distributed.SINGLE) == {
+        "seconds": 100.0, "seconds_per_step": 0.125, "measured_over_steps": [10, end], "periodic_seconds": {},
+        "steps": 800}
+
+
+def test_time_budget_plan_leaves_time_for_the_periodic_work(monkeypatch):
+    # Measured at step 40, 5 s after the start, 1/8 s a step, 100 s in all. A sample grid every 100 steps
+    # (and at the last) costing 2 s and a held-out loss every 250 (and at the last) costing 1 s: the plan
+    # is the largest step count whose steps and jobs fit, found here by trying every count.
+    clock = [5.0]
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    plan = training._BudgetPlan(100.0, 0, 0, torch.device("cpu"))
+    plan.started = 0.0
+    periodic = {"samples": (100, 2.0), "heldout": (250, 1.0)}
+    fixed = plan.fix(40, 0.125, periodic, distributed.SINGLE)
+
+    def seconds(steps):
+        return 5 + 0.125 * (steps - 40) + 2 * -(-steps // 100) + 1 * -(-steps // 250)
+    assert fixed["steps"] == max(s for s in range(40, 2000) if seconds(s) <= 100)
+    assert fixed["periodic_seconds"] == {"samples": 2.0, "heldout": 1.0}
+    # Jobs are timed by doing them.
+    def job():
+        clock[0] += 0.5
+    assert plan.time_jobs({"samples": job}, distributed.SINGLE) == {"samples": 0.5}
 
 
 def test_time_budget_outlasts_a_preset_step_count_shorter_than_its_measurement(tmp_path):

@@ -101,6 +101,13 @@ def test_a_presets_model_overrides_stay_with_its_model():
     assert build_config("gradients", {"model": {"preset": "unet-small"}}).model.overrides == {}
     asked = build_config("gradients", {"model": {"preset": "unet-small", "overrides": {"channels": [8, 16]}}})
     assert asked.model.overrides == {"channels": [8, 16]}
+    # On the preset's own model, a layer's overrides add to the preset's; a key it names replaces its value.
+    assert build_config("gradients", {"model": {"overrides": {"num_blocks": 1}}}).model.overrides == {
+        "hidden_dim": 128, "num_blocks": 1}
+    assert build_config("mnist", {"model": {"overrides": {"ch": 48}}}, {"model": {"overrides": {"ch": 40}}}
+                        ).model.overrides == {"attention_levels": [], "ch": 40}
+    assert build_config("mnist", {"model": {"overrides": {"attention_levels": [2]}}}).model.overrides == {
+        "attention_levels": [2]}
 
 
 def test_a_presets_example_count_applies_to_generated_sets_only():

@@ -325,6 +325,31 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
         world.barrier()  # no process leaves (or is stopped by torchrun) while rank 0 is writing
         return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
+    def heldout() -> dict[str, float]:
+        values = heldout_losses(run.model, run.ema_model, run.schedule, run.heldout.data, config,
+                                labels=run.heldout.labels if run.classes else None, progress=progress)
+        run.model.train()
+        return values
+
+    def quality() -> None:
+        if world.is_main:
+            metrics.log(step, sample_quality(run, config, step, progress=progress))
+            run.model.train()
+
+    def samples() -> None:
+        if world.is_main:
+            save_samples(run.ema_model, run.schedule, config, run.dataset,
+                         run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png", progress=progress,
+                         conditional=run.classes is not None)
+
+    # The work done every so many steps besides logging and checkpoints (and at the last step): its
+    # period in steps (0: the last step only) and the job.
+    periodic: dict[str, tuple[int, Callable[[], Any]]] = {"samples": (t_cfg.sample_every, samples)}
+    if t_cfg.eval_every and run.heldout is not None:
+        periodic["heldout"] = (math.lcm(t_cfg.eval_every, t_cfg.log_every), lambda: metrics.log(step, heldout()))
+    if t_cfg.eval_metric is not None:
+        periodic["quality"] = (t_cfg.eval_metric_every, quality)
+
     try:
         with distributed.StopSignals(world) as stop:
             run.model.train()
@@ -335,7 +360,13 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                 # before anything is logged, sampled or saved.
                 window.add(step, losses, t, run.schedule.num_steps, grad_norm, t_cfg.batch_size, world)
                 bar.update(1)
-                if plan is not None and (fixed := plan.steps_after(step, world)) is not None:
+                if plan is not None and (measured := plan.steps_after(step, world)) is not None:
+                    # The periodic work comes on top of the steps: it is done once now and timed, so
+                    # that the steps and their periodic work together fill the budget.
+                    window.raise_if_non_finite(last_checkpoint)
+                    costs = plan.time_jobs({name: job for name, (every, job) in periodic.items()}, world)
+                    fixed = plan.fix(step, measured, {name: (every, costs[name]) for name, (every, _) in periodic.items()},
+                                     world)
                     run, plan = _fix_steps(run, run_dir, fixed, world), None
                     config, t_cfg = run.config, run.config.train
                     bar.total = t_cfg.steps
@@ -348,25 +379,17 @@ def _train(config: Config, run_dir: Path, world: distributed.World, device: torc
                     bar.set_postfix(loss=f"{values['loss']:.4f}", ex_per_s=f"{values['examples_per_s']:.0f}",
                                     refresh=False)
                     values["lr"] = run.optimizer.param_groups[0]["lr"]
-                    if t_cfg.eval_every and run.heldout is not None and due(t_cfg.eval_every):
-                        values.update(heldout_losses(run.model, run.ema_model, run.schedule, run.heldout.data, config,
-                                                     labels=run.heldout.labels if run.classes else None,
-                                                     progress=progress))
-                        run.model.train()
+                    if "heldout" in periodic and due(t_cfg.eval_every):
+                        values.update(heldout())
                     metrics.log(step, values)
                 if due(t_cfg.checkpoint_every):
                     last_checkpoint = save()
-                if t_cfg.eval_metric is not None and due(t_cfg.eval_metric_every):
+                if "quality" in periodic and due(t_cfg.eval_metric_every):
                     window.raise_if_non_finite(last_checkpoint)
-                    if world.is_main:
-                        metrics.log(step, sample_quality(run, config, step, progress=progress))
-                        run.model.train()
+                    quality()
                 if due(t_cfg.sample_every):
                     window.raise_if_non_finite(last_checkpoint)  # on every process, as they all know the loss
-                    if world.is_main:
-                        save_samples(run.ema_model, run.schedule, config, run.dataset,
-                                     run_dir / "samples" / f"{ckpt.checkpoint_name(step)}.png", progress=progress,
-                                     conditional=run.classes is not None)
+                    samples()
                 stop_signal = world.agree_signal(stop.received)  # every process stops at the same step
                 if stop_signal is not None:
                     if last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step):
@@ -443,9 +466,9 @@ class _BudgetPlan:
                             dtype=torch.float64, device=self.device)
         return (world.sum_(mine) / world.size).tolist()
 
-    def steps_after(self, step: int, world: distributed.World) -> dict[str, Any] | None:
-        """After step ``step``: the plan (train.steps and how it was found) once the measurement is over,
-        the same on every process; else None."""
+    def steps_after(self, step: int, world: distributed.World) -> float | None:
+        """After step ``step``: the seconds a step once the measurement is over (the processes' mean,
+        the same on every process); else None."""
         if step == self.first:
             self.probe_started = self._now()
         elif step == self.first + BUDGET_PROBE[1] - BUDGET_PROBE[0]:  # where the measurement ends
@@ -454,10 +477,34 @@ class _BudgetPlan:
             self.end = min(self.end, tenth)
         if step != self.end:
             return None
-        per_step, elapsed = self._measured(step, world)
+        return self._measured(step, world)[0]
+
+    def time_jobs(self, jobs: dict[str, Callable[[], Any]], world: distributed.World) -> dict[str, float]:
+        """Does each job once and returns the seconds it took (the processes' mean)."""
+        seconds = []
+        for job in jobs.values():
+            started = self._now()
+            job()
+            seconds.append(self._now() - started)
+        mean = (world.sum_(torch.tensor(seconds, dtype=torch.float64, device=self.device)) / world.size).tolist()
+        return dict(zip(jobs, mean))
+
+    def fix(self, step: int, per_step: float, periodic: dict[str, tuple[int, float]],
+            world: distributed.World) -> dict[str, Any]:
+        """The plan: the most steps that, with the periodic work due on the way (each job's period and
+        seconds; a period of 0 is the last step only), end within the budget counted from the start."""
+        elapsed = self._measured(step, world)[1]
+
+        def seconds(steps: int) -> float:
+            jobs = sum(cost * (1 if every <= 0 else steps // every - step // every + (steps % every != 0))
+                       for every, cost in periodic.values())
+            return elapsed + (steps - step) * per_step + jobs
+
         steps = step + max(0, math.floor((self.seconds - elapsed) / per_step))
+        while steps > step and seconds(steps) > self.seconds:
+            steps -= 1
         return {"seconds": self.seconds, "seconds_per_step": per_step, "measured_over_steps": [self.first, step],
-                "steps": steps}
+                "periodic_seconds": {name: cost for name, (_, cost) in periodic.items()}, "steps": steps}
 
 
 def _fix_steps(run: _Setup, run_dir: Path, plan: dict[str, Any], world: distributed.World) -> _Setup:
