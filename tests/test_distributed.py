@@ -218,3 +218,16 @@ def test_a_conditional_run_on_two_processes_trains_the_weights_of_one(tmp_path):
     run(TORCHRUN, "--out", "two", "--steps", "20", *POINTS, *conditional, cwd=tmp_path)
     assert max_difference(tmp_path / "two", tmp_path / "accum") == 0.0
     assert ddpm.load(tmp_path / "two").classes == ("a", "b", "c")
+
+
+def test_a_time_budget_on_two_processes_is_one_plan_for_both(tmp_path):
+    # The processes time the same steps and periodic work and must agree on one step count (a process
+    # that planned more steps would wait forever in a collective the other never joins); rank 0
+    # records the count, and the run ends there.
+    run(TORCHRUN, "--out", "two", "--time-budget", "6s", *POINTS, "--checkpoint-every", "1000", "--eval-every", "100",
+        cwd=tmp_path)
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    plan = saved["time_budget"]
+    assert plan["steps"] == saved["config"]["train"]["steps"] == ddpm.load(tmp_path / "two").step > 40
+    assert set(plan["periodic_seconds"]) == {"samples", "heldout"}
+    assert metrics(tmp_path / "two")[-1]["step"] == plan["steps"]

@@ -480,14 +480,14 @@ class _BudgetPlan:
         return self._measured(step, world)[0]
 
     def time_jobs(self, jobs: dict[str, Callable[[], Any]], world: distributed.World) -> dict[str, float]:
-        """Does each job once and returns the seconds it took (the processes' mean)."""
+        """Does each job once and returns the seconds it took on the main process, which does them all
+        (the others wait for it at the next step), the same on every process."""
         seconds = []
         for job in jobs.values():
             started = self._now()
             job()
-            seconds.append(self._now() - started)
-        mean = (world.sum_(torch.tensor(seconds, dtype=torch.float64, device=self.device)) / world.size).tolist()
-        return dict(zip(jobs, mean))
+            seconds.append(self._now() - started if world.is_main else 0.0)
+        return dict(zip(jobs, world.sum_(torch.tensor(seconds, dtype=torch.float64, device=self.device)).tolist()))
 
     def fix(self, step: int, per_step: float, periodic: dict[str, tuple[int, float]],
             world: distributed.World) -> dict[str, Any]:
@@ -594,6 +594,11 @@ def loss_weighting(config: Config) -> str | None:
     return None if config.diffusion.weighting == "none" else config.diffusion.weighting
 
 
+# Held-out examples a forward pass: on 2 CPU threads, 1000 examples through unet-mnist took 3.6 s in
+# chunks of 128 and 5.5 s in chunks of 1024 (activations that large leave the caches).
+HELDOUT_CHUNK = 128
+
+
 @torch.no_grad()
 def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedule, heldout: Tensor,
                    config: Config, labels: Tensor | None = None, progress: bool = False) -> dict[str, float]:
@@ -607,14 +612,14 @@ def heldout_losses(model: nn.Module, ema_model: nn.Module, schedule: NoiseSchedu
     noise = torch.randn(x0.shape, generator=generator).to(schedule.device)
     model.eval()
     out = {}
-    chunks = range(0, x0.shape[0], 1024)
+    chunks = range(0, x0.shape[0], HELDOUT_CHUNK)
     bar = tqdm(total=2 * len(chunks), desc="held-out loss", unit="batch", disable=not progress, leave=False,
                dynamic_ncols=True, file=sys.stderr)
     for name, net in (("heldout_loss", model), ("heldout_loss_ema", ema_model)):
         total = 0.0
         for start in chunks:
             bar.update(1)
-            part = slice(start, start + 1024)
+            part = slice(start, start + HELDOUT_CHUNK)
             conditioned = net if labels is None else functools.partial(net, labels=labels[part].to(schedule.device))
             losses = training_loss(conditioned, schedule, x0[part], t=t[part], noise=noise[part],
                                    prediction=config.diffusion.prediction, weighting=loss_weighting(config),
