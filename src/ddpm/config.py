@@ -13,6 +13,7 @@ increasing priority, from the dataclass defaults, a training preset, a TOML/JSON
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -339,11 +340,8 @@ def _without_stale_preset_settings(merged: dict[str, Any], preset: Mapping[str, 
 
     model, data = merged.get("model"), merged.get("data")
     if isinstance(model, Mapping) and model.get("preset") != _section(preset, "model").get("preset"):
-        own: Any = {}  # the layers' own overrides, merged as _merge does
-        for layer in layers:
-            given = _section(layer, "model").get("overrides", own)
-            own = {**own, **given} if isinstance(own, Mapping) and isinstance(given, Mapping) else given
-        merged["model"] = {**model, "overrides": own}
+        own = functools.reduce(_merge, (_section(layer, "model") for layer in layers), {})  # the layers' alone
+        merged["model"] = {**model, "overrides": own.get("overrides", {})}
     if (isinstance(data, Mapping) and not asked("data", "num_examples")
             and not is_generated(str(data.get("source", DataConfig.source)))):
         merged["data"] = {**data, "num_examples": None}
