@@ -67,6 +67,14 @@ ROWS: dict[str, tuple[str | None, dict[str, dict[str, Any]], str]] = {
                       "EMA 0.999 without warm-up"),
     "fast-two-blocks": ("bf16-no-attention", {"model": {"overrides": {"num_res_blocks": 2}}},
                         "two residual blocks a level"),
+    "fast-batch-32": ("bf16-no-attention", {"train": {"batch_size": 32}}, "batch 32 (twice the steps)"),
+    "fast-constant": ("bf16-no-attention", {"train": {"lr_decay": "constant"}}, "constant lr after the warm-up"),
+    "fast-linear": ("bf16-no-attention", {"train": {"lr_decay": "linear"}}, "lr decayed to 0 along a line"),
+    "fast-no-min-snr": ("bf16-no-attention", {"diffusion": {"weighting": "none"}}, "no loss weighting (the simple loss)"),
+    "fast-v": ("bf16-no-attention", {"diffusion": {"prediction": "v"}}, "v prediction (with Min-SNR-5)"),
+    "fast-dropout": ("bf16-no-attention", {"model": {"dropout": 0.1}}, "dropout 0.1"),
+    "fast-ch-24": ("bf16-no-attention", {"model": {"overrides": {"ch": 24}}}, "width 24 (the preset's is 32)"),
+    "fast-ema-short": ("bf16-no-attention", {"train": {"ema_decay": 0.99}}, "EMA 0.99 (with its warm-up)"),
 }
 
 # Walks to draw one trained run with (`ddpm sample` options): at most 20 network calls, and DDIM-50.

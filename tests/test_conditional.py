@@ -391,7 +391,7 @@ def test_bad_conditional_input_is_refused_in_one_line_before_any_run_folder(caps
                                                           "has no class labels"),
         (["train", "--conditional", "--data", str(tmp_path / "loose")], "and stray.png does not"),
         (["train", "--conditional", "--data", str(tmp_path / "short.npz")], "'labels' has shape (5,), expected (6,)"),
-        (["train", "--conditional", "--data", "square", "--label-dropout", "1.5"], "train.label_dropout = 1.5 is not allowed"),
+        (["train", "--conditional", "--data", "square", "--label-dropout", "1.5"], "--label-dropout 1.5 is not allowed"),
     ]
     for i, (args, message) in enumerate(cases):
         code, out, err = _cli(capsys, *args, "--out", str(tmp_path / f"run{i}"), *TINY_CLI)

@@ -309,14 +309,22 @@ def test_crafted_or_damaged_run_files_are_one_line_naming_file_and_key(trained, 
 
 
 @pytest.mark.parametrize("args, text", [
-    (["--data", ""], "data.source = '' is not allowed"),
+    (["--data", ""], "--data '' is not allowed"),
+    (["--lr", "-1"], "--lr -1.0 is not allowed; it must be in (0, inf)"),
     (["--num-steps", "1000000000"], "the noise schedule's tables (T = 1000000000) would need"),
     (["--model-overrides", '{"channels": [2048, 4096, 8192]}'], "more than this machine's memory"),
-    (["--device", "meta"], "train.device = 'meta' is not allowed"),
+    (["--device", "meta"], "--device 'meta' is not allowed"),
 ])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(tmp_path, args, text):
     result = ddpm_cli("train", "--out", "run", "--steps", "2", *TINY, *args, cwd=tmp_path)
     one_line_error(result, 2, text)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_from_a_config_file_is_named_as_its_field_not_a_flag(tmp_path):
+    (tmp_path / "c.json").write_text('{"train": {"lr": -1}}')
+    one_line_error(ddpm_cli("train", "--config", "c.json", "--out", "run", "--steps", "2", *TINY, cwd=tmp_path), 2,
+                   "config file 'c.json': train.lr = -1.0 is not allowed")
     assert not (tmp_path / "run").exists()
 
 

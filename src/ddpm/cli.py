@@ -94,6 +94,7 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def _train(args: argparse.Namespace) -> int:
     from ddpm.config import DEFAULT_PRESET, build_config, flag_fields, read_config_file
     from ddpm.training import ProcessGroupFailed, TrainingStopped, train
+    from ddpm.validation import SettingError
 
     given = vars(args)
     if given.get("resume") and "out" not in given:
@@ -116,15 +117,17 @@ def _train(args: argparse.Namespace) -> int:
         changed.add("preset")
     if {"train.steps", "train.time_budget"} <= changed:
         raise UsageError("--steps and --time-budget both set how long to train; give one")
-    config = build_config(preset, {k: v for k, v in file_layer.items() if k != "preset"}, flags)
-    out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
     try:
+        config = build_config(preset, {k: v for k, v in file_layer.items() if k != "preset"}, flags)
+        out = Path(given["out"]) if "out" in given else _fresh_run_dir(Path("runs") / preset)
         result = train(config, out, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
                        changed=changed, progress=not given.get("quiet", False))
     except TrainingStopped as stop:
         if _is_main_process() or isinstance(stop, ProcessGroupFailed):  # a failure each survivor reports
             print(f"ddpm: {stop}", file=sys.stderr)
         return stop.exit_code
+    except SettingError as error:
+        raise _as_typed(error, flags, file_layer, given.get("config")) from None
     if _is_main_process():
         pictures = result.run_dir / "samples"
         taken = result.step - result.start_step
@@ -201,6 +204,24 @@ def _sample_options(args: argparse.Namespace, run: Any) -> Any:
         return run.sample_options(**{name: getattr(args, name) for name in flags})
     except SettingError as error:
         raise UsageError(str(error.renamed(flags.get(error.name, error.name)))) from None
+
+
+def _as_typed(error: Any, flags: dict[str, dict[str, Any]], file_layer: dict[str, Any], file: str | None) -> Exception:
+    """A config field's error named where the user wrote the value: as the flag ("--lr -1.0 is not
+    allowed"), or in the config file ("c.toml: train.lr = -1.0 ..."); an on/off flag or a preset's value
+    keeps the field's name."""
+    from ddpm.config import flag_fields
+    from ddpm.validation import SettingError
+
+    typed = {f"{f.section}.{f.name}": f.flag for f in flag_fields()
+             if f.name in flags.get(f.section, {}) and f.annotation is not bool}
+    section, _, name = error.name.partition(".")
+    if error.name in typed:
+        return SettingError(typed[error.name], repr(error.value) if isinstance(error.value, str) else error.value,
+                            error.rule)
+    if file and isinstance(file_layer.get(section), dict) and name in file_layer[section]:
+        return ValueError(f"config file {file!r}: {error}")
+    return error
 
 
 def _whole_number(flag: str) -> Callable[[str], int]:
