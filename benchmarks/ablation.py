@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from budget import _evaluations, _merge, _scores, _walk, ddpm_side, load_average, machine
+from budget import ddpm_side, evaluations, kept_scores, load_average, machine, merged, walk_name
 
 from ddpm import load
 from ddpm.evaluation import score_mnist
@@ -88,7 +88,7 @@ SAMPLER_ROWS = [
 def overrides_of(name: str) -> dict[str, dict[str, Any]]:
     """Row ``name``'s whole change from the preset (its base's, then its own)."""
     base, change, _ = ROWS[name]
-    return _merge(overrides_of(base) if base else {}, change)
+    return merged(overrides_of(base) if base else {}, change)
 
 
 def sampler_rows(run_dir: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -102,9 +102,9 @@ def sampler_rows(run_dir: Path, args: argparse.Namespace, results: dict[str, Any
         samples = run.sample(args.num, options=options, seed=0, batch_size=250, progress=True)
         seconds = time.perf_counter() - started
         scores = score_mnist(samples, data_dir=args.data_dir, seed=0).report
-        results["samplers"][key] = {"run": str(run_dir), "steps": run.step, "walk": _walk(run, options),
-                                    "evaluations": _evaluations(run, options), "sample_seconds": seconds,
-                                    **_scores(scores)}
+        results["samplers"][key] = {"run": str(run_dir), "steps": run.step, "walk": walk_name(run, options),
+                                    "evaluations": evaluations(run, options), "sample_seconds": seconds,
+                                    **kept_scores(scores)}
         print(key, f"FID {scores['fid']:.1f}, confident {scores['confident_fraction']:.3f}")
         _save(args, results)
 

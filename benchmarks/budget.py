@@ -153,7 +153,7 @@ def diffusers_side(budget: float, args: argparse.Namespace) -> dict[str, Any]:
             "steps": trained["steps"], "planned_steps": trained["planned_steps"],
             "train_seconds": trained["train_seconds"], "final_loss": trained["final_loss"],
             "sampler": "DDIMPipeline, 50 steps", "evaluations": DIFFUSERS_RECIPE["ddim_steps"],
-            "sample_seconds": sample_seconds, **_scores(scores)}
+            "sample_seconds": sample_seconds, **kept_scores(scores)}
 
 
 def ddpm_side(budget: str, args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None,
@@ -184,32 +184,34 @@ def ddpm_side(budget: str, args: argparse.Namespace, overrides: dict[str, dict[s
             "train_seconds": train_seconds, "final_loss": losses[-1]["loss"] if losses else None,
             "heldout_loss_ema": next((m["heldout_loss_ema"] for m in reversed(metrics) if "heldout_loss_ema" in m),
                                      None),
-            "sampler": _walk(run, options), "evaluations": _evaluations(run, options),
-            "sample_seconds": sample_seconds, **_scores(scores)}
+            "sampler": walk_name(run, options), "evaluations": evaluations(run, options),
+            "sample_seconds": sample_seconds, **kept_scores(scores)}
 
 
-def _evaluations(run: Any, options: Any) -> int:
+def evaluations(run: Any, options: Any) -> int:
     """Network evaluations a sample of ``run`` costs when drawn with ``options``."""
     from ddpm.sampling import network_calls, walk_timesteps
 
     return network_calls(options, walk_timesteps(run.schedule, options))
 
 
-def _walk(run: Any, options: Any) -> str:
-    return (f"{options.sampler}, {_evaluations(run, options)} calls" + (f", eta {options.eta:g}" if options.eta else "")
+def walk_name(run: Any, options: Any) -> str:
+    """How ``run`` is drawn with ``options``, in words: "heun, 9 calls, trailing grid"."""
+    return (f"{options.sampler}, {evaluations(run, options)} calls" + (f", eta {options.eta:g}" if options.eta else "")
             + (f", {options.spacing} grid" if options.spacing else ""))
 
 
-def _scores(report: dict[str, Any]) -> dict[str, Any]:
+def kept_scores(report: dict[str, Any]) -> dict[str, Any]:
+    """The scores of an MNIST report that a result file keeps."""
     keep = ("fid", "fid_of_real_digits", "confident_fraction", "mean_max_prob", "class_histogram", "samples")
     return {key: report[key] for key in keep}
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``update``'s values put in, tables within tables merged the same way."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
