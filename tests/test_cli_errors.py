@@ -542,7 +542,7 @@ def setup_eta_with_the_ddpm_sampler(tmp: Path, trained: Trained) -> Command:
 def test_eta_with_the_ddpm_sampler(outcomes):
     # Refused before training, not at the final sample grid after a checkpoint was written.
     outcome = outcomes["eta_with_the_ddpm_sampler"]
-    assert_one_line_error(outcome, "sample.eta", "ddim")
+    assert_one_line_error(outcome, "--eta 0.5", "ddim")
     assert not (outcome.command.cwd / "run").exists()
 
 
