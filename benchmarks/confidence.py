@@ -21,15 +21,17 @@ from typing import Any
 import torch
 
 from ddpm import load
-from ddpm.evaluation.classifier import load_mnist_classifier
+from ddpm.evaluation.classifier import NUM_CLASSES, load_mnist_classifier
+from ddpm.evaluation.metrics import in_batches
 from ddpm.visualize import save_labelled_rows
 
 BANDS = ((0.0, 0.5), (0.5, 0.9), (0.9, 1.01))  # top probability bands; the last is "confident"
 
 
 def probabilities(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([classifier(batch).double().softmax(dim=1) for batch in images.split(500)])
+    """The classifier's softmax (N, 10), batched as the scores batch it."""
+    device = next(classifier.parameters()).device
+    return in_batches(classifier, images, 500, device, NUM_CLASSES).double().softmax(dim=1)
 
 
 def report(probs: torch.Tensor) -> dict[str, Any]:
