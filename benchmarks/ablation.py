@@ -72,9 +72,14 @@ ROWS: dict[str, tuple[str | None, dict[str, dict[str, Any]], str]] = {
     "fast-linear": ("bf16-no-attention", {"train": {"lr_decay": "linear"}}, "lr decayed to 0 along a line"),
     "fast-no-min-snr": ("bf16-no-attention", {"diffusion": {"weighting": "none"}}, "no loss weighting (the simple loss)"),
     "fast-v": ("bf16-no-attention", {"diffusion": {"prediction": "v"}}, "v prediction (with Min-SNR-5)"),
-    "fast-dropout": ("bf16-no-attention", {"model": {"dropout": 0.1}}, "dropout 0.1"),
-    "fast-ch-24": ("bf16-no-attention", {"model": {"overrides": {"ch": 24}}}, "width 24 (the preset's is 32)"),
-    "fast-ema-short": ("bf16-no-attention", {"train": {"ema_decay": 0.99}}, "EMA 0.99 (with its warm-up)"),
+    # Changes from the linear decay (the mnist preset since the rows above; fast-constant is one of them too).
+    "linear-ema-short": ("fast-linear", {"train": {"ema_decay": 0.99}}, "EMA 0.99 (with its warm-up)"),
+    "linear-ch-24": ("fast-linear", {"model": {"overrides": {"ch": 24}}}, "width 24 (the preset's is 32)"),
+    "linear-dropout": ("fast-linear", {"model": {"dropout": 0.1}}, "dropout 0.1"),
+    "linear-batch-128": ("fast-linear", {"train": {"batch_size": 128}}, "batch 128 (half the steps)"),
+    "linear-two-blocks": ("fast-linear", {"model": {"overrides": {"num_res_blocks": 2}}}, "two residual blocks a level"),
+    "linear-edm": ("fast-linear", {"diffusion": {"weighting": "edm"}}, "EDM's log-normal noise levels and loss weighting"),
+    "linear-cosine-schedule": ("fast-linear", {"diffusion": {"schedule": "cosine"}}, "cosine beta schedule"),
 }
 
 # Walks to draw one trained run with (`ddpm sample` options): at most 20 network calls, and DDIM-50.
