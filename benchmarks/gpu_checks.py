@@ -10,10 +10,14 @@
    and samples only at the end) make the same number of them, counted as the CPU test counts them
    and as torch.cuda.set_sync_debug_mode("warn") reports them (which sees pageable copies too).
 4. ``ddpm train`` keeps the dataset on the GPU.
+5. Every preset network, conditional and guided too, records as a graph with the plain walk's numbers,
+   and ``ddpm sample`` of a conditional run trained on the GPU, whose default there is the graph,
+   writes what ``--no-cuda-graph`` writes.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm
 from ddpm.config import build_config
+from ddpm.guidance import guided
 from ddpm.models import use_channels_last
 from ddpm.training import train
 
@@ -173,6 +178,54 @@ def data_stays_on_the_gpu(root: Path) -> None:
     check("dataset on the GPU", seen == ["cuda"] * 3, f"devices of the dataset each step: {seen}")
 
 
+# Each preset at a size that records in a second; the U-Nets keep their own attention placement.
+NETWORKS = {"unet-mnist": dict(), "unet-cifar10": dict(), "unet": dict(ch=32),
+            "unet-small": dict(image_size=8), "mlp-toy": dict(image_size=8, hidden_dim=32), "mlp-2d": dict()}
+
+
+def every_network_records(device: torch.device) -> None:
+    schedule = ddpm.NoiseSchedule("linear", 1000).to(device)
+    for preset, options in NETWORKS.items():
+        for classes in (0, 3):
+            model = ddpm.models.build_model(preset, seed=0, num_classes=classes, **options).to(device).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0.0, 0.05)
+            model = use_channels_last(model)
+            config = model.config
+            channels = getattr(config, "in_channels", getattr(config, "channels", None))
+            shape = (4, 2) if preset == "mlp-2d" else (4, channels, config.image_size, config.image_size)
+            labels = torch.tensor([0, 1, 2, 0], device=device)  # on the device, as Run.sample passes them
+            net = model if not classes else guided(model, labels, 2.0, classes)
+            plain, graphed = (ddpm.sample(net, schedule, shape, sampler="ddim", steps=5, cuda_graph=flag,
+                                          generator=torch.Generator(device).manual_seed(0)) for flag in (False, True))
+            diff = (plain - graphed).abs().max().item()
+            name = preset + (", conditional, guidance 2" if classes else "")
+            check(f"graph = plain, {name}", diff <= 1e-5, f"DDIM-5, max |difference| {diff:.3g}")
+
+
+def cli_samples_a_conditional_run_with_the_graph(root: Path) -> None:
+    import numpy as np
+
+    images = np.zeros((24, 8, 8), dtype=np.uint8)
+    images[:12, 2:6, 2:6] = 255  # squares, then crosses
+    images[12:, 3:5, :] = images[12:, :, 3:5] = 255
+    np.savez(root / "shapes.npz", data=images, labels=np.array(["square"] * 12 + ["cross"] * 12))
+    ddpm_cli = [sys.executable, "-m", "ddpm"]
+    subprocess.run([*ddpm_cli, "train", "--data", str(root / "shapes.npz"), "--conditional", "--out", str(root / "run"),
+                    "--steps", "4", "--batch-size", "8", "--num-steps", "50", "--sample-steps", "3", "--num-samples",
+                    "2", "--eval-every", "0", "--no-tensorboard", "--quiet", "--device", "cuda"], check=True)
+    outputs = {}
+    for flags in ((), ("--no-cuda-graph",)):
+        out = root / f"samples{len(flags)}.npz"
+        subprocess.run([*ddpm_cli, "sample", str(root / "run"), "--num", "6", "--class", "cross", "--guidance", "3",
+                        "--steps", "10", "--out", str(out), "--quiet", "--device", "cuda", *flags], check=True)
+        outputs[flags] = np.load(out)["arr_0"]
+    same = np.array_equal(outputs[()], outputs[("--no-cuda-graph",)])
+    check("ddpm sample, a conditional run on the GPU: graph (the default) = --no-cuda-graph", same,
+          f"6 guided samples, uint8 arrays equal: {same}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_checks.py needs a CUDA device; this torch sees none", file=sys.stderr)
@@ -184,6 +237,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         training_makes_no_host_sync(Path(root))
         data_stays_on_the_gpu(Path(root))
+    every_network_records(device)
+    with tempfile.TemporaryDirectory() as root:
+        cli_samples_a_conditional_run_with_the_graph(Path(root))
     uncapturable_model_gets_a_clear_error(device)  # last, in case a refused model leaves the GPU odd
     print(f"{len(FAILED)} check(s) failed" if FAILED else "all checks passed")
     return 1 if FAILED else 0

@@ -180,3 +180,23 @@ def test_run_sample_takes_the_grid_and_thresholding_as_keywords_or_options(tiny_
     assert all(step.pred_x0.abs().max() <= 1.0 + 1e-6 for step in seen)
     with pytest.raises(ValueError, match="either as options= or as keywords, not both"):
         run.sample(2, options=run.sample_options(), spacing="leading")
+
+
+def test_run_sample_replays_a_cuda_graph_by_default_only_on_cuda(tiny_run, monkeypatch):
+    # The run's own sampling turns the graph on for a CUDA device; on a CPU the default is the plain
+    # loop, and asking for it runs the fixed-tensor walk a graph would replay (the same samples).
+    import ddpm.cuda_graph
+
+    made = []
+
+    class Counted(ddpm.cuda_graph.GraphedModel):
+        def __init__(self, model, *, capture):
+            made.append(capture)
+            super().__init__(model, capture=capture)
+
+    monkeypatch.setattr(ddpm.cuda_graph, "GraphedModel", Counted)
+    run = ddpm.load(tiny_run)
+    plain = run.sample(3, steps=3, seed=1, batch_size=2)
+    assert made == []
+    graphed = run.sample(3, steps=3, seed=1, cuda_graph=True, batch_size=2)
+    assert made == [False, False] and torch.equal(plain, graphed)

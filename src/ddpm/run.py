@@ -63,7 +63,7 @@ class Run:
                threshold: float | None = None, options: SampleConfig | None = None, ema: bool = True,
                batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
                callback: Callable[[SamplerStep], None] | None = None, progress: bool = False,
-               cuda_graph: bool = False) -> Tensor:
+               cuda_graph: bool | None = None) -> Tensor:
         """Draw ``n`` samples (n, *sample_shape) on the CPU with ``options`` (default: this run's
         ``sample_options(sampler=..., steps=..., eta=..., clip=..., spacing=..., threshold=...,
         guidance=...)``; give either those keywords or ``options``, not both).
@@ -72,7 +72,10 @@ class Run:
         per sample (a sequence or an (n,) tensor); None draws from the unconditional model.
         guidance: the classifier-free guidance weight w (``ddpm.guidance``; None: the run's own).
         batch_size: how many to draw at once (default all n); one progress bar covers them all.
-        seed: used when no generator is given. cuda_graph: as in ``ddpm.sample``.
+        seed: used when no generator is given.
+        cuda_graph: replay the network as a CUDA graph (``ddpm.cuda_graph``); None (default): on when the
+        run is on a CUDA device, where it gave the plain walk's numbers bit for bit and ran DDIM-50 4.1x
+        and DDPM-1000 6.3x faster on an H200 (docs/performance.md, "On a GPU").
         """
         n = whole_number("n", n)
         if labels is not None and not self.conditional:
@@ -87,9 +90,13 @@ class Run:
         if self.conditional:
             wanted = (class_labels(labels, self.classes, n) if labels is not None
                       else torch.full((n,), len(self.classes), dtype=torch.long))  # "no class": unconditional
+            # On the network's device once: a copy from the host at every call would stop a CUDA graph.
+            wanted = wanted.to(self.schedule.device)
             # With no class asked, both halves of guidance would be the "no class" network: call it once.
             weight = options.guidance if labels is not None else 0.0
         batch_size = n if batch_size is None else whole_number("batch_size", batch_size)
+        if cuda_graph is None:
+            cuda_graph = self.schedule.device.type == "cuda"
         if generator is None:
             generator = torch.Generator(self.schedule.device).manual_seed(check_seed(seed, "seed"))
         model = self.ema_model if ema else self.model.eval()

@@ -456,7 +456,9 @@ def sample(
     The options are checked as a ``SampleConfig`` (``sample_with`` takes one directly).
     noise: the starting x_T (default: drawn from ``generator``). Returns x_0, shape ``shape``.
     The callback receives a ``SamplerStep`` after every step.
-    cuda_graph: replay the network as a CUDA graph (``ddpm.cuda_graph``); opt-in until measured on a GPU.
+    cuda_graph: replay the network as a CUDA graph (``ddpm.cuda_graph``). Off by default here, since a
+      model of your own may read a value on the host, which a graph cannot record; a run's own sampling
+      (``Run.sample``, ``ddpm sample``) turns it on for a CUDA device.
     """
     options = SampleConfig(sampler=sampler, steps=steps, eta=eta, variance=variance, spacing=spacing,
                            clip=clip_denoised, threshold=threshold)
