@@ -13,7 +13,8 @@ The two sides, each in its own process, as their users run them:
   diffusers  the recipe of diffusers' unconditional training example (examples/unconditional_image_generation),
              written with diffusers 0.42.1 on the small U-Net of benchmarks/compare_diffusers.py (UNet2DModel,
              block channels 32-64-64, one layer per block, attention at 14x14; 1.1M parameters, the
-             size of ddpm's unet-mnist; the example's dropout, none): DDPMScheduler (T = 1000, linear betas),
+             size of ddpm's unet-mnist at its width 32, which the mnist preset narrows to 24; the
+             example's dropout, none): DDPMScheduler (T = 1000, linear betas),
              batch 64, AdamW lr 5e-4 with betas (0.95, 0.999), weight decay 1e-6, eps 1e-8, gradient norm
              clipped to 1, the example's cosine learning-rate schedule with 500 warm-up steps, EMAModel
              with decay 0.995 and its warm-up (inv_gamma 1, power 3/4), epochs of shuffled data. The
@@ -174,6 +175,8 @@ def ddpm_side(budget: str, args: argparse.Namespace, overrides: dict[str, dict[s
     train_seconds = time.perf_counter() - started
     run = load(out)
     options = run.sample_options()
+    if run.conditional:  # every class as often, with each guidance weight asked for (the run's own first)
+        return conditional_row(run, out, layer, budget, train_seconds, args)
     started = time.perf_counter()
     samples = run.sample(args.num, seed=args.seed, batch_size=250, progress=True)
     sample_seconds = time.perf_counter() - started
@@ -186,6 +189,30 @@ def ddpm_side(budget: str, args: argparse.Namespace, overrides: dict[str, dict[s
                                      None),
             "sampler": walk_name(run, options), "evaluations": evaluations(run, options),
             "sample_seconds": sample_seconds, **kept_scores(scores)}
+
+
+def conditional_row(run: Any, out: Path, layer: dict[str, Any], budget: str, train_seconds: float,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """The row of a conditional run: --num samples, the classes in turn, scored once per guidance weight of
+    --guidance (default: the run's own). A weight other than 0 and 1 evaluates the network twice a call
+    (the conditional and the unconditional half in one batch of twice the size), which the count says."""
+    labels = torch.arange(args.num) % len(run.classes)
+    options = run.sample_options()
+    rows = []
+    for weight in args.guidance or [options.guidance]:
+        started = time.perf_counter()
+        samples = run.sample(args.num, labels=labels, guidance=weight, seed=args.seed, batch_size=250, progress=True)
+        sample_seconds = time.perf_counter() - started
+        scores = score_mnist(samples, data_dir=args.data_dir, seed=args.seed, progress=True).report
+        rows.append({"guidance": weight, "evaluations": evaluations(run, options) * (1 if weight in (0, 1) else 2),
+                     "sample_seconds": sample_seconds, **kept_scores(scores)})
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [m for m in metrics if "loss" in m]
+    first = rows[0]
+    return {"recipe": f"ddpm: mnist preset, --conditional, --time-budget {budget}, guidance {first['guidance']:g}",
+            "overrides": layer, "steps": run.step, "train_seconds": train_seconds,
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "sampler": walk_name(run, options) + ", the 10 classes in turn", **first, "by_guidance": rows}
 
 
 def evaluations(run: Any, options: Any) -> int:
@@ -237,7 +264,9 @@ def table(budget: str, rows: dict[str, dict[str, Any]]) -> str:
              "FID ratio diffusers / this |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     theirs = rows.get("diffusers", {}).get("fid")
-    for row in rows.values():
+    entries = [{**row, **guided, "recipe": row["recipe"].rsplit(", guidance", 1)[0] + f", guidance {guided['guidance']:g}"}
+               for row in rows.values() for guided in row.get("by_guidance", [{}])]
+    for row in entries:
         ratio = f"{theirs / row['fid']:.1f}x" if theirs else "-"
         lines.append(f"| {row['recipe']} | {budget} | {row['steps']} | {row['train_seconds']:.0f} | {row['sampler']} | "
                      f"{row['evaluations']} | {row['fid']:.1f} | {100 * row['confident_fraction']:.1f}% | {ratio} |")
@@ -255,6 +284,9 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/budget", help="where ddpm's run is written (replaced)")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE", help="change ddpm's recipe")
     parser.add_argument("--json", type=Path, default=None, help="add the results to this file")
+    parser.add_argument("--guidance", type=float, nargs="+", default=None,
+                        help="a conditional ddpm run (--set model.conditional=true): the guidance weights to "
+                             "sample and score it with (default: the run's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = duration_seconds("--budget", args.budget)
@@ -272,7 +304,7 @@ def main() -> None:
                else ddpm_side(args.budget, args, parse_settings(args.set)))
         row["load_average_before"] = load
         results["rows"][side] = row
-        print(json.dumps({k: v for k, v in row.items() if k != "class_histogram"}, indent=1))
+        print(json.dumps({k: v for k, v in row.items() if k not in ("class_histogram", "by_guidance")}, indent=1))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1) + "\n")

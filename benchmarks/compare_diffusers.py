@@ -3,7 +3,8 @@
     pip install -c constraints.txt -e '.[bench]'      # diffusers, for this script only
     python benchmarks/compare_diffusers.py [--threads 2] [--only mnist cifar sampling]
                                            [--precision fp32 bf16] [--allocator ddpm|default]
-                                           [--device cpu|cuda] [--compile] [--json FILE] [--quick]
+                                           [--device cpu|cuda] [--compile] [--train-batch N]
+                                           [--json FILE] [--quick]
 
 What is compared (each pair has the same parameter count; the script prints both FLOP counts):
   mnist     training steps of a small U-Net on 1x28x28, batch 64: diffusers' UNet2DModel with block
@@ -489,6 +490,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where both sides run (default cpu); cuda: batch 128, 10 steps per round")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks for the training rows")
+    parser.add_argument("--train-batch", type=int,
+                        help="batch of both training comparisons (default 64 and 32 on a CPU, 128 on CUDA)")
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="tiny batches and rounds: a smoke test of the script, not a measurement")
@@ -505,6 +508,10 @@ def main() -> None:
         settings = settings._replace(rounds=args.rounds)
     if args.ddpm_steps is not None:
         settings = settings._replace(ddpm_steps=args.ddpm_steps)
+    if args.train_batch is not None:
+        if args.train_batch < 1:
+            parser.error(f"--train-batch {args.train_batch}: use a positive number of images")
+        settings = settings._replace(mnist_batch=args.train_batch, cifar_batch=args.train_batch)
     torch.set_num_threads(args.threads)
     allocator = "keep_freed_memory" if args.allocator == "ddpm" and keep_freed_memory() else "default"
     info = {**machine(), "diffusers": diffusers.__version__, "settings": settings._asdict(),
