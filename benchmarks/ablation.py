@@ -80,6 +80,12 @@ ROWS: dict[str, tuple[str | None, dict[str, dict[str, Any]], str]] = {
     "linear-two-blocks": ("fast-linear", {"model": {"overrides": {"num_res_blocks": 2}}}, "two residual blocks a level"),
     "linear-edm": ("fast-linear", {"diffusion": {"weighting": "edm"}}, "EDM's log-normal noise levels and loss weighting"),
     "linear-cosine-schedule": ("fast-linear", {"diffusion": {"schedule": "cosine"}}, "cosine beta schedule"),
+    # Changes from width 24 (the mnist preset since the rows above): the changes the 4-minute rows rejected,
+    # to be run at 20 minutes.
+    "w24-edm": ("linear-ch-24", {"diffusion": {"weighting": "edm"}}, "EDM's log-normal noise levels and loss weighting"),
+    "w24-dropout": ("linear-ch-24", {"model": {"dropout": 0.1}}, "dropout 0.1"),
+    "w24-two-blocks": ("linear-ch-24", {"model": {"overrides": {"num_res_blocks": 2}}}, "two residual blocks a level"),
+    "w24-batch-128": ("linear-ch-24", {"train": {"batch_size": 128}}, "batch 128 (half the steps)"),
 }
 
 # Walks to draw one trained run with (`ddpm sample` options): at most 20 network calls, and DDIM-50.
