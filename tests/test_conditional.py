@@ -250,12 +250,18 @@ def test_label_dropout_replaces_labels_by_no_class_at_its_rate_and_changes_no_ot
 
 # Hashes of every checkpoint file of four unconditional runs, taken with the code before conditional runs
 # existed (commit 1091bf7, torch 2.13.0, 2 threads on the 2-core CI machine): weights, optimiser state and
-# config.json unchanged. The float sums of the convolutions depend on the thread count, hence the 2 threads.
+# config.json unchanged. The float sums of the convolutions depend on the thread count, hence the 2 threads,
+# and for the U-Net also on the CPU: on 2026-12-04 the machine (family 6, model 167, with AVX512-FP16 and
+# AMX) gave other weights for "unet" and "toy2d" from 1091bf7 itself (the current code gave the same), so
+# each CPU's hashes from 1091bf7 are kept. On a CPU whose hashes are not here, run these configs at 1091bf7
+# there and add them.
 UNCONDITIONAL_GOLDEN = {
-    "square": ("342501864fc01cbd", "e592437e9508a9fc", "2ce900c008358e87", "689f867e98488eb8", "dcd6e8b3cb0b0e16"),
-    "unet": ("ee3dfa3c5b093863", "daa2e97dd1d5bde2", "c2997dd167e2fc55", "34e2c1cd6cf95bd2", "a2bdaef7edd193c4"),
-    "toy2d": ("81dfd556170db654", "10a939fb90b83941", "956f90e69aa18f85", "cc881d34a8e5da90", "feabea7c8db65a67"),
-    "mlp-toy": ("a931c42aba77b3fb", "2b9537f1feab1600", "c4cab3ee0de56154", "d5bdd185a20fd56f", "1585ee8bb6b4f7d0"),
+    "square": [("342501864fc01cbd", "e592437e9508a9fc", "2ce900c008358e87", "689f867e98488eb8", "dcd6e8b3cb0b0e16")],
+    "unet": [("ee3dfa3c5b093863", "daa2e97dd1d5bde2", "c2997dd167e2fc55", "34e2c1cd6cf95bd2", "a2bdaef7edd193c4"),
+             ("eec8e5bab0d81c92", "587f1ce316adb3d2", "d8f6aaf01022e630", "34e2c1cd6cf95bd2", "a2bdaef7edd193c4")],
+    "toy2d": [("81dfd556170db654", "10a939fb90b83941", "956f90e69aa18f85", "cc881d34a8e5da90", "feabea7c8db65a67"),
+              ("492fa20c1acb537f", "e77c6d6f7f705a5c", "64711232b1e2b2e5", "cc881d34a8e5da90", "feabea7c8db65a67")],
+    "mlp-toy": [("a931c42aba77b3fb", "2b9537f1feab1600", "c4cab3ee0de56154", "d5bdd185a20fd56f", "1585ee8bb6b4f7d0")],
 }
 
 
@@ -276,7 +282,7 @@ def test_unconditional_runs_and_checkpoints_are_unchanged_bit_for_bit(tmp_path):
         for name, config in configs.items():
             run = train(config, tmp_path / name, progress=False, log=lambda message: None).checkpoint
             got = tuple(hashlib.sha256((run / f).read_bytes()).hexdigest()[:16] for f in files)
-            assert got == UNCONDITIONAL_GOLDEN[name], name
+            assert got in UNCONDITIONAL_GOLDEN[name], (name, got)
     finally:
         torch.set_num_threads(threads)
 
