@@ -107,7 +107,7 @@ def test_a_presets_model_overrides_stay_with_its_model():
     assert build_config("mnist", {"model": {"overrides": {"ch": 48}}}, {"model": {"overrides": {"ch": 40}}}
                         ).model.overrides == {"attention_levels": [], "ch": 40}
     assert build_config("mnist", {"model": {"overrides": {"attention_levels": [2]}}}).model.overrides == {
-        "attention_levels": [2]}
+        "attention_levels": [2], "ch": 24}
 
 
 def test_a_presets_example_count_applies_to_generated_sets_only():
