@@ -51,6 +51,7 @@ import torch
 from torch.nn import functional as F
 
 from compare_diffusers import DIFFUSERS_MNIST, load_average, machine
+from guidance_table import evaluations_per_sample
 
 from ddpm import load
 from ddpm.data import load_dataset
@@ -175,44 +176,39 @@ def ddpm_side(budget: str, args: argparse.Namespace, overrides: dict[str, dict[s
     train_seconds = time.perf_counter() - started
     run = load(out)
     options = run.sample_options()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [m for m in metrics if "loss" in m]
+    trained = {"overrides": layer, "steps": run.step, "train_seconds": train_seconds,
+               "final_loss": losses[-1]["loss"] if losses else None,
+               "heldout_loss_ema": next((m["heldout_loss_ema"] for m in reversed(metrics) if "heldout_loss_ema" in m),
+                                        None)}
     if run.conditional:  # every class as often, with each guidance weight asked for (the run's own first)
-        return conditional_row(run, out, layer, budget, train_seconds, args)
+        return {"recipe": f"ddpm: mnist preset, --conditional, --time-budget {budget}", **trained,
+                **conditional_scores(run, options, args)}
     started = time.perf_counter()
     samples = run.sample(args.num, seed=args.seed, batch_size=250, progress=True)
     sample_seconds = time.perf_counter() - started
     scores = score_mnist(samples, data_dir=args.data_dir, seed=args.seed, progress=True).report
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [m for m in metrics if "loss" in m]
-    return {"recipe": f"ddpm: mnist preset, --time-budget {budget}", "overrides": layer, "steps": run.step,
-            "train_seconds": train_seconds, "final_loss": losses[-1]["loss"] if losses else None,
-            "heldout_loss_ema": next((m["heldout_loss_ema"] for m in reversed(metrics) if "heldout_loss_ema" in m),
-                                     None),
+    return {"recipe": f"ddpm: mnist preset, --time-budget {budget}", **trained,
             "sampler": walk_name(run, options), "evaluations": evaluations(run, options),
             "sample_seconds": sample_seconds, **kept_scores(scores)}
 
 
-def conditional_row(run: Any, out: Path, layer: dict[str, Any], budget: str, train_seconds: float,
-                    args: argparse.Namespace) -> dict[str, Any]:
-    """The row of a conditional run: --num samples, the classes in turn, scored once per guidance weight of
-    --guidance (default: the run's own). A weight other than 0 and 1 evaluates the network twice a call
-    (the conditional and the unconditional half in one batch of twice the size), which the count says."""
+def conditional_scores(run: Any, options: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A conditional run's --num samples, the classes in turn, scored once per guidance weight of --guidance
+    (default: the run's own): the first weight's scores, and every weight's under "by_guidance". A weight
+    other than 0 and 1 evaluates the network twice a call (both halves in one batch), which the count says."""
     labels = torch.arange(args.num) % len(run.classes)
-    options = run.sample_options()
     rows = []
     for weight in args.guidance or [options.guidance]:
         started = time.perf_counter()
         samples = run.sample(args.num, labels=labels, guidance=weight, seed=args.seed, batch_size=250, progress=True)
         sample_seconds = time.perf_counter() - started
         scores = score_mnist(samples, data_dir=args.data_dir, seed=args.seed, progress=True).report
-        rows.append({"guidance": weight, "evaluations": evaluations(run, options) * (1 if weight in (0, 1) else 2),
+        rows.append({"guidance": weight, "evaluations": evaluations_per_sample(evaluations(run, options), weight),
                      "sample_seconds": sample_seconds, **kept_scores(scores)})
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [m for m in metrics if "loss" in m]
-    first = rows[0]
-    return {"recipe": f"ddpm: mnist preset, --conditional, --time-budget {budget}, guidance {first['guidance']:g}",
-            "overrides": layer, "steps": run.step, "train_seconds": train_seconds,
-            "final_loss": losses[-1]["loss"] if losses else None,
-            "sampler": walk_name(run, options) + ", the 10 classes in turn", **first, "by_guidance": rows}
+    return {"sampler": walk_name(run, options) + f", the {len(run.classes)} classes in turn", **rows[0],
+            "by_guidance": rows}
 
 
 def evaluations(run: Any, options: Any) -> int:
@@ -264,7 +260,7 @@ def table(budget: str, rows: dict[str, dict[str, Any]]) -> str:
              "FID ratio diffusers / this |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     theirs = rows.get("diffusers", {}).get("fid")
-    entries = [{**row, **guided, "recipe": row["recipe"].rsplit(", guidance", 1)[0] + f", guidance {guided['guidance']:g}"}
+    entries = [{**row, **guided, "recipe": row["recipe"] + (f", guidance {guided['guidance']:g}" if guided else "")}
                for row in rows.values() for guided in row.get("by_guidance", [{}])]
     for row in entries:
         ratio = f"{theirs / row['fid']:.1f}x" if theirs else "-"

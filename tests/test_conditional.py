@@ -251,7 +251,7 @@ def test_label_dropout_replaces_labels_by_no_class_at_its_rate_and_changes_no_ot
 # Hashes of every checkpoint file of four unconditional runs, taken with the code before conditional runs
 # existed (commit 1091bf7, torch 2.13.0, 2 threads on the 2-core CI machine): weights, optimiser state and
 # config.json unchanged. The float sums of the convolutions depend on the thread count, hence the 2 threads,
-# and for the U-Net also on the CPU: on 2026-12-04 the machine (family 6, model 167, with AVX512-FP16 and
+# and some runs' also on the CPU: on 2026-12-04 the machine (family 6, model 167, with AVX512-FP16 and
 # AMX) gave other weights for "unet" and "toy2d" from 1091bf7 itself (the current code gave the same), so
 # each CPU's hashes from 1091bf7 are kept. On a CPU whose hashes are not here, run these configs at 1091bf7
 # there and add them.
