@@ -363,13 +363,15 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, time
 
 class SamplerEntry(NamedTuple):
     """A registered sampler: its walk, its default timestep grid (``ddpm.grids``), its default number of
-    network calls (None: T) and how many calls it makes per step between two levels (the step into the
-    data always takes one). The defaults of the ODE solvers are the best of the MNIST table
-    (docs/results.md): 10 calls, on the grid that measured best there."""
+    network calls (None: T), how many calls it makes per step between two levels (the step into the
+    data always takes one) and whether its walk starts at ``walk_top`` rather than at T-1. The defaults
+    of the ODE solvers are the best of the MNIST table (docs/results.md): 10 calls, on the grid that
+    measured best there."""
     walk: Sampler
     grid: str
     calls: int | None = None
     calls_per_step: int = 1
+    capped_start: bool = False
 
     def levels(self, calls: int) -> int:
         """How many levels a walk of at most ``calls`` network calls visits."""
@@ -383,12 +385,30 @@ class SamplerEntry(NamedTuple):
 SAMPLERS: dict[str, SamplerEntry] = {
     "ddpm": SamplerEntry(sample_ddpm, "uniform"),
     "ddim": SamplerEntry(sample_ddim, "uniform"),
-    "euler": SamplerEntry(sample_euler, "leading", calls=10),
-    "heun": SamplerEntry(sample_heun, "trailing", calls=10, calls_per_step=2),
-    "ipndm": SamplerEntry(sample_ipndm, "leading", calls=10),
-    "dpm++2m": SamplerEntry(sample_dpmpp_2m, "karras", calls=10),
-    "dpm++3m": SamplerEntry(sample_dpmpp_3m, "trailing", calls=10),
+    "euler": SamplerEntry(sample_euler, "leading", calls=10, capped_start=True),
+    "heun": SamplerEntry(sample_heun, "trailing", calls=10, calls_per_step=2, capped_start=True),
+    "ipndm": SamplerEntry(sample_ipndm, "leading", calls=10, capped_start=True),
+    "dpm++2m": SamplerEntry(sample_dpmpp_2m, "karras", calls=10, capped_start=True),
+    "dpm++3m": SamplerEntry(sample_dpmpp_3m, "trailing", calls=10, capped_start=True),
 }
+
+# The noisiest level an ODE walk starts from, as s = sigma / alpha (Karras's sigma). The linear schedule
+# ends at s = 157, so its walks still start at t = T-1. The cosine schedule caps beta at 0.999, which
+# puts s = 20,291 at t = T-1 (the sigmoid: 1825): a first step from there multiplies the network's
+# error by about s, and Heun's first step is wrong by far even for the exact noise predictor
+# (tests/test_solvers.py). A walk that starts lower takes x_T ~ N(0, I) for a sample at its first level
+# and so leaves out that level's data part, alpha x0 with alpha = 1 / sqrt(1 + s^2): 0.6% of x0 at the
+# linear schedule's t = T-1, 0.8% at the cosine's t = 994. (EDM starts at s = 80.) DDPM and DDIM keep
+# the paper's walk from t = T-1.
+MAX_START_LEVEL = 160.0
+
+
+def walk_top(schedule: NoiseSchedule) -> int:
+    """The noisiest timestep an ODE walk starts from: the largest t with sigma / alpha <= MAX_START_LEVEL
+    (T-1 for the linear schedule; 994 of 1000 for the cosine, 998 for the sigmoid)."""
+    alpha_bar = schedule.alphas_cumprod_float64()
+    below = ((1.0 - alpha_bar) / alpha_bar <= MAX_START_LEVEL ** 2).nonzero()
+    return int(below.max()) if below.numel() else schedule.num_steps - 1
 
 
 def walk_grid(options: SampleConfig) -> str:
@@ -404,9 +424,14 @@ def walk_budget(schedule: NoiseSchedule, options: SampleConfig) -> int:
 
 def walk_timesteps(schedule: NoiseSchedule, options: SampleConfig) -> list[int]:
     """The timesteps a walk with ``options`` visits: as many levels as ``walk_budget`` network calls
-    allow, on ``walk_grid(options)``."""
+    allow, on ``walk_grid(options)``, laid over t = 0 ... T-1, or over t = 0 ... ``walk_top`` for the
+    ODE solvers."""
     entry = SAMPLERS[options.sampler]
-    return timestep_sequence(schedule, entry.levels(walk_budget(schedule, options)), walk_grid(options))
+    alpha_bar = schedule.alphas_cumprod_float64()
+    if entry.capped_start:
+        alpha_bar = alpha_bar[:walk_top(schedule) + 1]
+    levels = min(entry.levels(walk_budget(schedule, options)), alpha_bar.numel())
+    return timestep_grid(alpha_bar, levels, walk_grid(options))
 
 
 def network_calls(options: SampleConfig, timesteps: list[int]) -> int:
