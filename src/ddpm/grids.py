@@ -17,7 +17,9 @@ trained at and the sampler's coefficients are exact for it:
 
 Grids are clipped to the trained range: with the linear schedule sigma runs from 0.01 (t = 0) to
 157 (t = 999). The ODE solvers hand a grid the table up to ``ddpm.sampling.walk_top`` only, so that
-"T-1" below is their noisiest usable step (t = 994 of the cosine schedule). Where a grid asks for more levels near the data than there are trained timesteps,
+"T-1" below is their noisiest usable step (t = 994 of the cosine schedule); on the cosine and sigmoid
+schedules they also carry the time grids over from the linear schedule by noise level
+(``carried_grid``; docs/sampling.md). Where a grid asks for more levels near the data than there are trained timesteps,
 snapping keeps them distinct (0, 1, 2, ...), so n levels always means n network calls.
 """
 
@@ -99,6 +101,18 @@ def snap(positions: Tensor, num_steps: int) -> list[int]:
     for j in range(len(rising) - 2, -1, -1):  # from the top down: each strictly below the one after
         rising[j] = min(rising[j], rising[j + 1] - 1)
     return rising[::-1]
+
+
+TIME_GRIDS = ("uniform", "leading", "trailing", "quadratic")  # the grids that read t alone, not the levels
+
+
+def carried_grid(alpha_bar: Tensor, levels: int, grid: str, reference: Tensor) -> list[int]:
+    """The ``levels`` distinct timesteps (descending) of a schedule with ``alpha_bar`` at the noise levels
+    that ``grid`` visits on the ``reference`` schedule: its timesteps there, turned into lambda and found
+    again in ``alpha_bar`` (clipped to its range). On the reference itself this is ``timestep_grid``."""
+    lam = half_log_snr(reference.to(torch.float64))[timestep_grid(reference, levels, grid)]
+    table = alpha_bar.to(torch.float64)
+    return snap(position_of(lam, half_log_snr(table)), table.numel())
 
 
 def timestep_grid(alpha_bar: Tensor, levels: int, grid: str = "uniform") -> list[int]:
