@@ -82,10 +82,13 @@ ROWS: dict[str, tuple[str | None, dict[str, dict[str, Any]], str]] = {
     "linear-cosine-schedule": ("fast-linear", {"diffusion": {"schedule": "cosine"}}, "cosine beta schedule"),
     # Changes from width 24 (the mnist preset since the rows above): the changes the 4-minute rows rejected,
     # to be run at 20 minutes.
+    "w24-preset": ("linear-ch-24", {}, "none: the mnist preset now (linear-ch-24 again, on another day)"),
     "w24-edm": ("linear-ch-24", {"diffusion": {"weighting": "edm"}}, "EDM's log-normal noise levels and loss weighting"),
     "w24-dropout": ("linear-ch-24", {"model": {"dropout": 0.1}}, "dropout 0.1"),
     "w24-two-blocks": ("linear-ch-24", {"model": {"overrides": {"num_res_blocks": 2}}}, "two residual blocks a level"),
     "w24-batch-128": ("linear-ch-24", {"train": {"batch_size": 128}}, "batch 128 (half the steps)"),
+    "w24-cosine-schedule": ("linear-ch-24", {"diffusion": {"schedule": "cosine"}},
+                            "cosine beta schedule (the ODE walks start at t = 994, s = 128)"),
 }
 
 # Walks to draw one trained run with (`ddpm sample` options): at most 20 network calls, and DDIM-50.
@@ -93,6 +96,7 @@ SAMPLER_ROWS = [
     {"sampler": "heun", "steps": 10}, {"sampler": "heun", "steps": 20}, {"sampler": "dpm++2m", "steps": 10},
     {"sampler": "dpm++2m", "steps": 20}, {"sampler": "ddim", "steps": 20}, {"sampler": "ddim", "steps": 20, "eta": 1.0},
     {"sampler": "ddpm", "steps": 20}, {"sampler": "ddim", "steps": 50},
+    {"sampler": "dpm++3m", "steps": 10}, {"sampler": "heun", "steps": 10, "spacing": "karras"},
 ]
 
 
