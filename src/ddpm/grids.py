@@ -16,11 +16,13 @@ trained at and the sampler's coefficients are exact for it:
                2022, rho = 7): dense near the data, sparse at high noise.
 
 Grids are clipped to the trained range: with the linear schedule sigma runs from 0.01 (t = 0) to
-157 (t = 999). The ODE solvers hand a grid the table up to ``ddpm.sampling.walk_top`` only, so that
-"T-1" below is their noisiest usable step (t = 994 of the cosine schedule); on the cosine and sigmoid
-schedules they also carry the time grids over from the linear schedule by noise level
-(``carried_grid``; docs/sampling.md). Where a grid asks for more levels near the data than there are trained timesteps,
+157 (t = 999). Where a grid asks for more levels near the data than there are trained timesteps,
 snapping keeps them distinct (0, 1, 2, ...), so n levels always means n network calls.
+
+The ODE solvers hand a grid the table up to ``ddpm.sampling.walk_top`` only, so that "T-1" above is
+their noisiest usable step (t = 994 of the cosine schedule). On the cosine and sigmoid schedules they
+also carry the grids in t over from the linear schedule by noise level (``carried_grid``;
+docs/sampling.md).
 """
 
 from __future__ import annotations

@@ -370,7 +370,7 @@ class SamplerEntry(NamedTuple):
     grid: str
     calls: int | None = None
     calls_per_step: int = 1
-    capped_start: bool = False
+    ode_solver: bool = False
 
     def levels(self, calls: int) -> int:
         """How many levels a walk of at most ``calls`` network calls visits."""
@@ -384,11 +384,11 @@ class SamplerEntry(NamedTuple):
 SAMPLERS: dict[str, SamplerEntry] = {
     "ddpm": SamplerEntry(sample_ddpm, "uniform"),
     "ddim": SamplerEntry(sample_ddim, "uniform"),
-    "euler": SamplerEntry(sample_euler, "leading", calls=10, capped_start=True),
-    "heun": SamplerEntry(sample_heun, "trailing", calls=10, calls_per_step=2, capped_start=True),
-    "ipndm": SamplerEntry(sample_ipndm, "leading", calls=10, capped_start=True),
-    "dpm++2m": SamplerEntry(sample_dpmpp_2m, "karras", calls=10, capped_start=True),
-    "dpm++3m": SamplerEntry(sample_dpmpp_3m, "trailing", calls=10, capped_start=True),
+    "euler": SamplerEntry(sample_euler, "leading", calls=10, ode_solver=True),
+    "heun": SamplerEntry(sample_heun, "trailing", calls=10, calls_per_step=2, ode_solver=True),
+    "ipndm": SamplerEntry(sample_ipndm, "leading", calls=10, ode_solver=True),
+    "dpm++2m": SamplerEntry(sample_dpmpp_2m, "karras", calls=10, ode_solver=True),
+    "dpm++3m": SamplerEntry(sample_dpmpp_3m, "trailing", calls=10, ode_solver=True),
 }
 
 # The noisiest level an ODE walk starts from, as s = sigma / alpha (Karras's sigma). The linear schedule
@@ -438,7 +438,7 @@ def walk_timesteps(schedule: NoiseSchedule, options: SampleConfig) -> list[int]:
     entry, grid = SAMPLERS[options.sampler], walk_grid(options)
     alpha_bar = schedule.alphas_cumprod_float64()
     levels = entry.levels(walk_budget(schedule, options))
-    if not entry.capped_start:
+    if not entry.ode_solver:
         return timestep_grid(alpha_bar, levels, grid)
     alpha_bar = alpha_bar[:walk_top(schedule) + 1]
     levels = min(levels, alpha_bar.numel())
